@@ -1,0 +1,37 @@
+"""Every metric of the product, declared in one place and created against a registry.
+
+Labels are bounded: sink, source, reason, stage, outcome — never a tenant-supplied id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+BATCH_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.records = Counter(
+            "ingest_records_total", "Source records processed, by outcome.",
+            ["source", "outcome"], registry=r)
+        self.dlq = Counter(
+            "ingest_dlq_total", "Records sent to the dead-letter topic.",
+            ["reason", "stage"], registry=r)
+        self.duplicates = Counter(
+            "ingest_duplicates_total", "Exact duplicates dropped by the dedupe table.",
+            ["source"], registry=r)
+        self.lag = Histogram(
+            "ingest_lag_seconds", "Source event time to sink commit.",
+            ["sink"], buckets=LAG_BUCKETS_S, registry=r)
+        self.sink_records = Counter(
+            "ingest_sink_records_total", "Records handled by a sink, by revision decision.",
+            ["sink", "decision"], registry=r)
+        self.sink_batch = Histogram(
+            "ingest_sink_batch_duration_seconds", "Time to apply one batch to a sink.",
+            ["sink"], buckets=BATCH_BUCKETS_S, registry=r)
+        self.retries = Counter(
+            "ingest_retry_total", "Sink operation retries.", ["sink", "reason"], registry=r)

@@ -1,0 +1,107 @@
+"""Any sink, wrapped: revision-guarded batch planning, retries with backoff, failure isolation.
+
+The result says what happened to each write; the wiring turns it into DLQ records and acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random as random_module
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from ingest_stream.core.backoff import BackoffPolicy
+from ingest_stream.core.reasons import Reason
+from ingest_stream.core.revision import plan_batch
+from ingest_stream.errors import SinkError
+from ingest_stream.metrics import Metrics
+from ingest_stream.sinks.base import Sink, Write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchOutcome:
+    applied: list[Write] = field(default_factory=list)
+    skipped: list[Write] = field(default_factory=list)
+    older: list[Write] = field(default_factory=list)
+    failed: list[tuple[Write, SinkError, int]] = field(default_factory=list)  # write, error, attempts
+
+    def merge(self, other: BatchOutcome) -> None:
+        self.applied += other.applied
+        self.skipped += other.skipped
+        self.older += other.older
+        self.failed += other.failed
+
+
+class GuardedSink:
+    """`hold`: retry retryable errors until the sink answers (the agent stops moving, lag grows).
+    `dlq`: after the policy's attempts, the batch's records fail with the last error's reason.
+    Non-retryable errors are isolated: the batch is re-applied record by record, so only the
+    records the sink refuses fail.
+    """
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        metrics: Metrics,
+        backoff: BackoffPolicy,
+        failure_policy: str,
+        timeout_s: float,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        random: Callable[[], float] = random_module.random,
+    ) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self._metrics = metrics
+        self._backoff = backoff
+        self._failure_policy = failure_policy
+        self._timeout_s = timeout_s
+        self._sleep = sleep
+        self._random = random
+        self._opened = False
+
+    async def apply(self, writes: Sequence[Write]) -> BatchOutcome:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with asyncio.timeout(self._timeout_s):  # a hung server must not hang us
+                    return await self._attempt(writes)
+            except TimeoutError:
+                error = SinkError(self.name, Reason.SINK_TIMEOUT, f"no answer in {self._timeout_s}s")
+            except SinkError as exc:
+                error = exc
+            if not error.retryable:
+                return await self._isolate(writes, error, attempt)
+            self._metrics.retries.labels(self.name, error.reason.value).inc()
+            if self._failure_policy == "dlq" and self._backoff.exhausted(attempt):
+                return BatchOutcome(failed=[(w, error, attempt) for w in writes])
+            delay = self._backoff.delay(
+                min(attempt, 32), random=self._random, retry_after_s=error.retry_after_s)
+            log.warning("sink %s: attempt %d for %d record(s) failed (%s); retrying in %.2fs",
+                        self.name, attempt, len(writes), error, delay)
+            await self._sleep(delay)
+
+    async def _attempt(self, writes: Sequence[Write]) -> BatchOutcome:
+        if not self._opened:  # a sink that is down at start is retried like any outage
+            await self.sink.open()
+            self._opened = True
+        keys = list(dict.fromkeys(w.key for w in writes))
+        current = await self.sink.current_revisions(keys)
+        plan = plan_batch(writes, current, key=lambda w: w.key, version=lambda w: w.version,
+                          may_rewrite_equal=lambda w: w.may_rewrite_equal)
+        if plan.apply:
+            await self.sink.write(plan.apply)
+        return BatchOutcome(applied=plan.apply, skipped=plan.skip, older=plan.older)
+
+    async def _isolate(self, writes: Sequence[Write], error: SinkError, attempt: int) -> BatchOutcome:
+        if len(writes) == 1:
+            log.error("sink %s: %s refused: %s", self.name, writes[0].key, error)
+            return BatchOutcome(failed=[(writes[0], error, attempt)])
+        outcome = BatchOutcome()
+        for write in writes:  # in order, so the revision rule sees them as they came
+            outcome.merge(await self.apply([write]))
+        return outcome

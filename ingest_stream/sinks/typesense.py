@@ -1,0 +1,210 @@
+"""Typesense sink: collection `ingest_records`, document id `tenant:<escaped id>`.
+
+Typesense has no compare-and-set, so the guard reads current revisions first and the wiring writes
+only newer documents; that is safe because one partition, one writer, owns each entity. A tombstone
+removes the document from search and leaves its revision in `ingest_records_tombstones`, so older
+revisions stay rejected after a delete.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote, urlparse
+
+import httpx
+import typesense
+from typesense import exceptions as ts_errors
+
+from ingest_stream.core.reasons import Reason
+from ingest_stream.core.revision import Version
+from ingest_stream.core.timefmt import epoch_ms
+from ingest_stream.errors import SinkError
+from ingest_stream.sinks.base import Write, translated_errors
+
+log = logging.getLogger(__name__)
+
+COLLECTION = "ingest_records"
+TOMBSTONES = "ingest_records_tombstones"
+TEXT_LIMIT = 32_768
+_IDS_PER_FILTER = 100  # multi_search (POST) keeps large id filters off the URL
+
+_SCHEMAS: dict[str, dict[str, Any]] = {
+    COLLECTION: {
+        "name": COLLECTION,
+        "fields": [
+            {"name": "tenant", "type": "string", "facet": True},
+            {"name": "record_id", "type": "string"},
+            {"name": "kind", "type": "string", "facet": True},
+            {"name": "source", "type": "string", "facet": True},
+            {"name": "revision", "type": "int64"},
+            {"name": "event_time", "type": "int64"},
+            {"name": "text", "type": "string"},
+            {"name": "origin_tp", "type": "string", "optional": True, "index": False},
+            {"name": "origin_offset", "type": "int64", "optional": True, "index": False},
+        ],
+        "default_sorting_field": "event_time",
+    },
+    TOMBSTONES: {
+        "name": TOMBSTONES,
+        "fields": [
+            {"name": "tenant", "type": "string", "facet": True},
+            {"name": "revision", "type": "int64"},
+            {"name": "origin_tp", "type": "string", "optional": True, "index": False},
+            {"name": "origin_offset", "type": "int64", "optional": True, "index": False},
+        ],
+    },
+}
+
+
+def document_id(key: str) -> str:
+    """`tenant:id` with the id percent-encoded outside [A-Za-z0-9._-] (reversible, filter-safe)."""
+    tenant, _, record_id = key.partition(":")
+    return f"{tenant}:{quote(record_id, safe='._-')}"
+
+
+def classify(exc: BaseException) -> SinkError | None:
+    """typesense client / httpx exceptions to reason codes, by type."""
+    if isinstance(exc, ts_errors.Timeout | httpx.TimeoutException | TimeoutError):
+        reason = Reason.SINK_TIMEOUT
+    elif isinstance(exc, ts_errors.ObjectUnprocessable | ts_errors.RequestMalformed):
+        reason = Reason.CONSTRAINT_VIOLATION
+    elif isinstance(exc, ts_errors.TypesenseClientError | httpx.TransportError | OSError):
+        reason = Reason.CONNECTION_ERROR
+    else:
+        return None
+    return SinkError("typesense", reason, f"{type(exc).__name__}: {exc}")
+
+
+class ImportRejected(ts_errors.ObjectUnprocessable):
+    """A document of an import batch was refused (the import call itself answered 200)."""
+
+
+class TypesenseSink:
+    name = "typesense"
+
+    def __init__(self, url: str, *, api_key: str, timeout_s: float) -> None:
+        parsed = urlparse(url)
+        self._client = typesense.AsyncClient({
+            "nodes": [{"host": parsed.hostname or "127.0.0.1", "port": parsed.port or 8108,
+                       "protocol": parsed.scheme or "http"}],
+            "api_key": api_key,
+            "connection_timeout_seconds": timeout_s,
+            "num_retries": 0,  # retries are ours (backoff + circuit), not the client's
+            "healthcheck_interval_seconds": 1,  # one node: never sit out a recovered server
+        })
+
+    async def open(self) -> None:
+        with translated_errors(classify):
+            await self._ensure_collections()
+
+    async def _ensure_collections(self) -> None:
+        for name, schema in _SCHEMAS.items():
+            try:
+                await self._client.collections[name].retrieve()
+            except ts_errors.ObjectNotFound:
+                try:
+                    await self._client.collections.create(schema)  # type: ignore[arg-type]
+                    log.info("typesense: created collection %s", name)
+                except ts_errors.ObjectAlreadyExists:
+                    pass  # another worker won the race
+
+    async def close(self) -> None:
+        await self._client.api_call.aclose()
+
+    async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
+        with translated_errors(classify):
+            return await self._current_revisions(keys)
+
+    async def _current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
+        by_doc_id = {document_id(k): k for k in keys}
+        doc_ids = list(by_doc_id)
+        found: dict[str, Version] = {}
+        for start in range(0, len(doc_ids), _IDS_PER_FILTER):
+            chunk = doc_ids[start:start + _IDS_PER_FILTER]
+            id_filter = "id:[" + ",".join(f"`{d}`" for d in chunk) + "]"
+            searches = [{"collection": name, "q": "*", "filter_by": id_filter,
+                         "per_page": len(chunk), "include_fields": "id,revision,origin_tp,origin_offset"}
+                        for name in (COLLECTION, TOMBSTONES)]
+            response: dict[str, Any] = await self._client.multi_search.perform(  # type: ignore[assignment]
+                {"searches": searches}, {})  # type: ignore[typeddict-item]
+            for result in response["results"]:
+                if "error" in result:
+                    raise ts_errors.TypesenseClientError(result["error"])
+                for hit in result.get("hits", []):
+                    doc = hit["document"]
+                    key = by_doc_id[doc["id"]]
+                    version = Version(int(doc["revision"]), doc.get("origin_tp"), doc.get("origin_offset"))
+                    if key not in found or version.revision > found[key].revision:
+                        found[key] = version
+        return found
+
+    async def write(self, writes: Sequence[Write]) -> None:
+        with translated_errors(classify):
+            await self._write(writes)
+
+    async def _write(self, writes: Sequence[Write]) -> None:
+        live = [_document(w) for w in writes if not w.record["deleted"]]
+        deleted = [w for w in writes if w.record["deleted"]]
+        if live:
+            await self._import(COLLECTION, live)
+        if deleted:
+            # Remember the tombstone's revision first: a crash in between redoes both steps.
+            await self._import(TOMBSTONES, [{"id": document_id(w.key), "tenant": w.record["tenant"],
+                                             "revision": w.revision, **_origin(w)} for w in deleted])
+            ids = ",".join(f"`{document_id(w.key)}`" for w in deleted)
+            await self._client.collections[COLLECTION].documents.delete(
+                {"filter_by": f"id:[{ids}]"})
+
+    async def _import(self, collection: str, documents: list[dict[str, Any]]) -> None:
+        results: list[dict[str, Any]] = await self._client.collections[collection].documents.import_(
+            documents, {"action": "upsert"})  # type: ignore[call-overload]
+        refused = [(doc["id"], r.get("error")) for doc, r in zip(documents, results, strict=True)
+                   if not r.get("success")]
+        if refused:
+            raise ImportRejected(f"{len(refused)} document(s) refused, first: {refused[0]}")
+
+
+def _document(write: Write) -> dict[str, Any]:
+    r = write.record
+    return {
+        "id": document_id(write.key),
+        "tenant": r["tenant"],
+        "record_id": r["id"],
+        "kind": r["kind"],
+        "source": r["source"],
+        "revision": r["revision"],
+        "event_time": epoch_ms(r["event_time"]),
+        "text": searchable_text(r["attributes"])[:TEXT_LIMIT],
+        **_origin(write),
+    }
+
+
+def _origin(write: Write) -> dict[str, Any]:
+    """Optional fields must be left out rather than null."""
+    origin: dict[str, Any] = {}
+    if write.origin_tp is not None:
+        origin["origin_tp"] = write.origin_tp
+    if write.origin_offset is not None:
+        origin["origin_offset"] = write.origin_offset
+    return origin
+
+
+def searchable_text(value: Any) -> str:
+    """Every string and number inside the attributes, in document order, space separated."""
+    parts: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            parts.append(item)
+        elif isinstance(item, bool) or item is None:
+            continue
+        elif isinstance(item, int | float):
+            parts.append(str(item))
+        elif isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+    return " ".join(parts)
