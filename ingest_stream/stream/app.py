@@ -1,0 +1,153 @@
+"""The Faust app: settings → topics, tables, agents, timers and web views. Wiring only."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import mode
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ingest_stream.config import SOURCES, Settings
+from ingest_stream.core.backoff import BackoffPolicy
+from ingest_stream.core.schemas import RecordValidator
+from ingest_stream.metrics import Metrics
+from ingest_stream.sinks.base import Sink
+from ingest_stream.sinks.guarded import GuardedSink
+from ingest_stream.stream.dlq import DeadLetters
+from ingest_stream.stream.sink_agent import SinkProcessor
+from ingest_stream.stream.source_agent import SourceProcessor
+from ingest_stream.stream.tables import declare_tables, evict_expired
+from ingest_stream.stream.topics import Topics, declare_topics
+
+log = logging.getLogger(__name__)
+EVICTION_INTERVAL_S = 3600.0
+AgentBody = Callable[[faust.StreamT[Any], int, float], Awaitable[None]]
+
+
+@dataclass
+class Pipeline:
+    """Everything the agents and views share, built once per app."""
+
+    settings: Settings
+    metrics: Metrics
+    topics: Topics
+    sinks: dict[str, GuardedSink]
+
+
+def build_sink(name: str, settings: Settings) -> Sink:
+    if name == "postgres":
+        from ingest_stream.sinks.postgres import PostgresSink
+
+        return PostgresSink(settings.postgres_dsn, timeout_s=settings.sink_timeout_s)
+    if name == "neo4j":
+        from ingest_stream.sinks.neo4j import Neo4jSink
+
+        return Neo4jSink(settings.neo4j_uri, user=settings.neo4j_user,
+                         password=settings.neo4j_password, batch_size=settings.neo4j_batch_size,
+                         flavor=settings.neo4j_flavor, timeout_s=settings.sink_timeout_s,
+                         max_request_bytes=settings.neo4j_max_request_bytes,
+                         concurrency=settings.neo4j_concurrency)
+    from ingest_stream.sinks.typesense import TypesenseSink
+
+    return TypesenseSink(settings.typesense_url, api_key=settings.typesense_api_key,
+                         timeout_s=settings.sink_timeout_s)
+
+
+def faust_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "broker": f"kafka://{settings.kafka_bootstrap}",
+        "store": "rocksdb://",
+        "datadir": str(settings.data_dir),
+        "web_port": settings.web_port,
+        "web_bind": settings.web_host,
+        "topic_partitions": settings.partitions,
+        "producer_linger": settings.producer_linger_ms / 1000,
+        "producer_acks": -1,
+        "consumer_auto_offset_reset": "earliest",
+        "stream_buffer_maxsize": 16384,
+        "recovery_consistency_check": settings.recovery_consistency_check,
+        # An agent that raises leaves unacked records behind it: stop the worker, don't limp on.
+        "agent_supervisor": mode.CrashingSupervisor,
+    }
+    if settings.kafka_session_timeout_s is not None:
+        options["broker_session_timeout"] = settings.kafka_session_timeout_s
+        options["broker_heartbeat_interval"] = min(3.0, settings.kafka_session_timeout_s / 4)
+    return options
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Typesense request
+    app = faust.App(settings.app_id, **faust_options(settings))
+    metrics = metrics or Metrics()
+    topics = declare_topics(app, settings)
+    tables = declare_tables(app, settings)
+    validator = RecordValidator.from_directory(
+        settings.schema_dir, max_record_bytes=settings.max_record_bytes)
+    dead_letters = DeadLetters(topics.dlq, metrics, clock=lambda: datetime.now(UTC))
+    backoff = BackoffPolicy(base_s=settings.sink_retry_base_s, cap_s=settings.sink_retry_cap_s)
+    sinks = {
+        name: GuardedSink(build_sink(name, settings), metrics=metrics, backoff=backoff,
+                          failure_policy=settings.sink_failure_policy,
+                          timeout_s=settings.sink_timeout_s)
+        for name in settings.sinks
+    }
+    app.pipeline = Pipeline(settings, metrics, topics, sinks)  # type: ignore[attr-defined]
+
+    for source in SOURCES:
+        processor = SourceProcessor(
+            source, app=app, settings=settings, validator=validator, tables=tables[source],
+            sink_topics=list(topics.sinks.values()), dead_letters=dead_letters, metrics=metrics)
+        _agent(app, f"process-{source}", topics.sources[source], processor.run,
+               settings.source_batch_size, settings.batch_within_s)
+        _eviction_timer(app, settings, source, tables[source].dedupe)
+
+    for name, guarded in sinks.items():
+        sink_processor = SinkProcessor(guarded, dead_letters=dead_letters, metrics=metrics)
+        _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.run,
+               settings.sink_batch_size, settings.batch_within_s)
+
+    _views(app, metrics)
+    return app
+
+
+def _agent(app: faust.App, name: str, topic: faust.TopicT, run: AgentBody, batch: int,
+           within_s: float) -> None:
+    async def agent(stream: faust.StreamT[Any]) -> None:
+        await run(stream, batch, within_s)
+
+    agent.__name__ = name.replace("-", "_")
+    app.agent(topic, name=name)(agent)
+
+
+def _eviction_timer(
+    app: faust.App, settings: Settings, source: str, table: faust.types.TableT[str, str]
+) -> None:
+    topic_name = settings.source_topic(source)
+
+    async def evict() -> None:
+        owned = [tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic_name]
+        await evict_expired(table, now_ms=int(time.time() * 1000),
+                            ttl_ms=settings.dedupe_ttl_s * 1000, partitions=owned)
+
+    evict.__name__ = f"evict_dedupe_{source}"
+    app.timer(EVICTION_INTERVAL_S)(evict)
+
+
+def _views(app: faust.App, metrics: Metrics) -> None:
+    @app.page("/health")
+    class Health(View):
+        async def get(self, request: Request) -> Response:
+            return self.json({"status": "ok"})
+
+    @app.page("/metrics")
+    class MetricsView(View):
+        async def get(self, request: Request) -> Response:
+            return self.bytes(generate_latest(metrics.registry),
+                              content_type=CONTENT_TYPE_LATEST.split(";")[0])

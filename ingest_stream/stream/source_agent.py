@@ -1,0 +1,123 @@
+"""The processing agent of one source topic: validate/upcast → dedupe → fan out to the sink topics.
+
+Delivery: a batch's events are acked (so their offsets become committable) only after every
+forward and DLQ record they caused has been acknowledged by the broker, and their dedupe keys and
+checkpoints are in the table's changelog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+import faust
+import orjson
+from faust.types import EventT
+
+from ingest_stream.config import Settings
+from ingest_stream.core import dedupe
+from ingest_stream.core.dlq import REDRIVE_HEADER, REPLAY_HEADER, origin_headers
+from ingest_stream.core.record import encode, entity_key
+from ingest_stream.core.schemas import RecordValidator, Rejected
+from ingest_stream.core.timefmt import epoch_ms
+from ingest_stream.metrics import Metrics
+from ingest_stream.stream.dlq import DeadLetters, position_of
+from ingest_stream.stream.tables import SourceTables, make_current
+
+log = logging.getLogger(__name__)
+_BYPASS_DEDUPE = (REDRIVE_HEADER, REPLAY_HEADER)
+
+
+class SourceProcessor:
+    def __init__(
+        self,
+        source: str,
+        *,
+        app: faust.App,
+        settings: Settings,
+        validator: RecordValidator,
+        tables: SourceTables,
+        sink_topics: Sequence[faust.TopicT],
+        dead_letters: DeadLetters,
+        metrics: Metrics,
+    ) -> None:
+        self.source = source
+        self._app = app
+        self._validator = validator
+        self._tables = tables
+        self._sink_topics = sink_topics
+        self._dead_letters = dead_letters
+        self._metrics = metrics
+        self._ttl_ms = settings.dedupe_ttl_s * 1000
+        self._outcomes = metrics.records.labels(source, "forwarded")
+        self._rejected = metrics.records.labels(source, "rejected")
+        self._duplicate = metrics.records.labels(source, "duplicate")
+        self._duplicates = metrics.duplicates.labels(source)
+
+    async def run(self, stream: faust.StreamT[Any], batch_size: int, within_s: float) -> None:
+        async for events in stream.noack_take(batch_size, within_s):  # type: ignore[attr-defined]
+            await self.process(stream, events)
+            for event in events:
+                await stream.ack(event)
+
+    async def process(self, stream: faust.StreamT[Any], events: Sequence[EventT[Any]]) -> None:
+        deliveries: list[Awaitable[object]] = []
+        checkpoints: dict[str, tuple[EventT[Any], int]] = {}
+        now_ms = int(time.time() * 1000)
+        for event in events:
+            message = event.message
+            verdict = self._validator.check(message.value or b"")
+            if isinstance(verdict, Rejected):
+                self._rejected.inc()
+                deliveries.append(await self._dead_letters.publish(
+                    event, reason=verdict.reason, stage=verdict.stage, error=verdict.error,
+                    identity=verdict.identity))
+                continue
+            record = verdict.record
+            headers: list[tuple[str, bytes]] = list(message.headers or [])  # type: ignore[arg-type]
+            make_current(stream, event)
+            if not any(k in _BYPASS_DEDUPE for k, _ in headers) and self._is_duplicate(
+                    dedupe.dedupe_key(record), message.partition, message.offset, now_ms):
+                self._duplicate.inc()
+                self._duplicates.inc()
+                continue
+            if not any(k.startswith("ingest.origin.") for k, _ in headers):
+                headers += origin_headers(position_of(event))
+            key = entity_key(record["tenant"], record["id"]).encode()
+            value = encode(record)
+            for topic in self._sink_topics:
+                deliveries.append(await topic.send(key=key, value=value, headers=headers))
+            self._outcomes.inc()
+            checkpoint = f"{record['tenant']}:{self.source}:{message.partition}"
+            previous = checkpoints.get(checkpoint)
+            event_ms = epoch_ms(record["event_time"])
+            checkpoints[checkpoint] = (event, max(event_ms, previous[1] if previous else event_ms))
+        self._write_checkpoints(stream, checkpoints, now_ms)
+        await asyncio.gather(*deliveries)  # raises if the broker refused any of them
+        await self._app.producer.flush()  # table changelog writes are sent with send_soon
+
+    def _is_duplicate(self, key: str, partition: int, offset: int, now_ms: int) -> bool:
+        table = self._tables.dedupe
+        stored = table.get(key)
+        seen = dedupe.SeenEntry.decode(stored) if stored is not None else None
+        decision = dedupe.decide(seen, partition=partition, offset=offset, now_ms=now_ms,
+                                 ttl_ms=self._ttl_ms)
+        if decision is dedupe.DedupeDecision.NEW:
+            table[key] = dedupe.SeenEntry(partition, offset, now_ms).encode()
+        return decision is dedupe.DedupeDecision.DUPLICATE
+
+    def _write_checkpoints(self, stream: faust.StreamT[Any],
+                           checkpoints: dict[str, tuple[EventT[Any], int]], now_ms: int) -> None:
+        table = self._tables.checkpoints
+        for name, (event, event_ms) in checkpoints.items():
+            make_current(stream, event)
+            previous = table.get(name)
+            if previous is not None:
+                event_ms = max(event_ms, orjson.loads(previous)["event_time_ms"])
+            table[name] = orjson.dumps({
+                "topic": event.message.topic, "partition": event.message.partition,
+                "offset": event.message.offset, "event_time_ms": event_ms, "updated_at_ms": now_ms,
+            }).decode()

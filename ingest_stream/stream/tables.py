@@ -1,0 +1,67 @@
+"""RocksDB-backed, changelog-backed Faust tables: dedupe keys and checkpoints, one pair per source.
+
+Faust picks a table's partition (and its RocksDB instance) from the *current event*. Batched agents
+handle many events at once, so every table access goes through `EventTables.at(event)`, which
+makes that event current first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from faust.types import EventT
+
+from ingest_stream.config import SOURCES, Settings
+from ingest_stream.core.dedupe import SeenEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceTables:
+    dedupe: faust.types.TableT[str, str]  # dedupe key -> SeenEntry.encode()
+    # "tenant:source:partition" -> JSON {topic, partition, offset, event_time_ms, updated_at_ms}
+    checkpoints: faust.types.TableT[str, str]
+
+
+def declare_tables(app: faust.App, settings: Settings) -> dict[str, SourceTables]:
+    def table(name: str, help_: str) -> faust.types.TableT[str, str]:
+        return app.Table(name, key_type=str, value_type=str, partitions=settings.partitions,
+                         help=help_)
+
+    return {
+        source: SourceTables(
+            dedupe=table(f"dedupe-{source}", f"SHA-256 dedupe keys of {source} records"),
+            checkpoints=table(f"checkpoints-{source}", f"per tenant checkpoints of {source}"),
+        )
+        for source in SOURCES
+    }
+
+
+def make_current(stream: faust.StreamT[Any], event: EventT[Any]) -> None:
+    """Make `event` the current event, so table reads and writes use its partition."""
+    stream._set_current_event(event)  # type: ignore[attr-defined]
+
+
+async def evict_expired(table: faust.types.TableT[str, str], *, now_ms: int, ttl_ms: int,
+                        partitions: Iterable[int]) -> int:
+    """Delete dedupe keys older than the TTL in the partitions this worker owns (changelog too)."""
+    owned = set(partitions)
+    expired: list[tuple[str, int]] = []
+    for index, (key, value) in enumerate(table.data.items()):
+        entry = SeenEntry.decode(value)
+        if entry.partition in owned and entry.expired(now_ms, ttl_ms):
+            expired.append((key, entry.partition))
+        if index % 5000 == 4999:
+            await asyncio.sleep(0)  # a large table must not block the event loop
+    for key, partition in expired:
+        del table.data[key]
+        table.send_changelog(partition, key, None, value_serializer="raw")
+    if expired:
+        log.info("table %s: evicted %d expired dedupe key(s)", table.name, len(expired))
+    return len(expired)
