@@ -1,0 +1,68 @@
+"""Session fixtures: the real servers of the embedded stack, started by the suite, torn down after.
+
+A server that cannot start fails the suite; it never skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from ingest_stream.ops.devstack import DevStack
+from ingest_stream.sinks.postgres import migrate
+from tests.integration.harness import AUDIT_SQL, Kafka, SinkReader, WorkerProcess, worker_env
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    with DevStack(tmp_path_factory.mktemp("stack")) as running:
+        asyncio.run(_prepare_postgres(running.postgres_dsn))
+        yield running
+
+
+async def _prepare_postgres(dsn: str) -> None:
+    """The project's migrations, then the test's own audit trigger: an independent witness of writes."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+        await conn.execute(AUDIT_SQL)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def kafka(stack: DevStack) -> Kafka:
+    return Kafka(stack.kafka_bootstrap)
+
+
+@pytest.fixture(scope="session")
+def sinks(stack: DevStack) -> Iterator[SinkReader]:
+    reader = SinkReader(stack)
+    yield reader
+    reader.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Topics, consumer group and tenants of one test are its own."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def make_worker(stack: DevStack, prefix: str, tmp_path: Path) -> Iterator:
+    workers: list[WorkerProcess] = []
+
+    def make(**overrides: str) -> WorkerProcess:
+        env = worker_env(stack, prefix, tmp_path / f"worker-{len(workers)}", **overrides)
+        worker = WorkerProcess(env, tmp_path / f"worker-{len(workers)}.log")
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.stop()
