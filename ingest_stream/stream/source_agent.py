@@ -59,11 +59,11 @@ class SourceProcessor:
 
     async def run(self, stream: faust.StreamT[Any], batch_size: int, within_s: float) -> None:
         async for events in stream.noack_take(batch_size, within_s):  # type: ignore[attr-defined]
-            await self.process(stream, events)
+            await self.process(events)
             for event in events:
                 await stream.ack(event)
 
-    async def process(self, stream: faust.StreamT[Any], events: Sequence[EventT[Any]]) -> None:
+    async def process(self, events: Sequence[EventT[Any]]) -> None:
         deliveries: list[Awaitable[object]] = []
         checkpoints: dict[str, tuple[EventT[Any], int]] = {}
         now_ms = int(time.time() * 1000)
@@ -78,7 +78,7 @@ class SourceProcessor:
                 continue
             record = verdict.record
             headers: list[tuple[str, bytes]] = list(message.headers or [])  # type: ignore[arg-type]
-            make_current(stream, event)
+            make_current(event)
             if not any(k in _BYPASS_DEDUPE for k, _ in headers) and self._is_duplicate(
                     dedupe.dedupe_key(record), message.partition, message.offset, now_ms):
                 self._duplicate.inc()
@@ -95,7 +95,7 @@ class SourceProcessor:
             previous = checkpoints.get(checkpoint)
             event_ms = epoch_ms(record["event_time"])
             checkpoints[checkpoint] = (event, max(event_ms, previous[1] if previous else event_ms))
-        self._write_checkpoints(stream, checkpoints, now_ms)
+        self._write_checkpoints(checkpoints, now_ms)
         await asyncio.gather(*deliveries)  # raises if the broker refused any of them
         await self._app.producer.flush()  # table changelog writes are sent with send_soon
 
@@ -109,11 +109,10 @@ class SourceProcessor:
             table[key] = dedupe.SeenEntry(partition, offset, now_ms).encode()
         return decision is dedupe.DedupeDecision.DUPLICATE
 
-    def _write_checkpoints(self, stream: faust.StreamT[Any],
-                           checkpoints: dict[str, tuple[EventT[Any], int]], now_ms: int) -> None:
+    def _write_checkpoints(self, checkpoints: dict[str, tuple[EventT[Any], int]], now_ms: int) -> None:
         table = self._tables.checkpoints
         for name, (event, event_ms) in checkpoints.items():
-            make_current(stream, event)
+            make_current(event)
             previous = table.get(name)
             if previous is not None:
                 event_ms = max(event_ms, orjson.loads(previous)["event_time_ms"])

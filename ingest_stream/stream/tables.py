@@ -1,19 +1,20 @@
 """RocksDB-backed, changelog-backed Faust tables: dedupe keys and checkpoints, one pair per source.
 
 Faust picks a table's partition (and its RocksDB instance) from the *current event*. Batched agents
-handle many events at once, so every table access goes through `EventTables.at(event)`, which
-makes that event current first.
+handle many events at once, so before each table access the agent makes that event current.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import faust
+from faust.streams import _current_event
 from faust.types import EventT
 
 from ingest_stream.config import SOURCES, Settings
@@ -43,9 +44,15 @@ def declare_tables(app: faust.App, settings: Settings) -> dict[str, SourceTables
     }
 
 
-def make_current(stream: faust.StreamT[Any], event: EventT[Any]) -> None:
-    """Make `event` the current event, so table reads and writes use its partition."""
-    stream._set_current_event(event)  # type: ignore[attr-defined]
+def make_current(event: EventT[Any]) -> None:
+    """Make `event` current for this task, so table reads and writes use its partition.
+
+    Only the task-local context variable (what `faust.current_event()` and the tables read). Never
+    `Stream._set_current_event`: that also sets the stream's shared `current_event` attribute, which
+    `noack_take`'s buffering processor reads after an await in another task — overwriting it there
+    made the buffer take a previous event twice and lose its own record (seen here).
+    """
+    _current_event.set(weakref.ref(event))
 
 
 async def evict_expired(table: faust.types.TableT[str, str], *, now_ms: int, ttl_ms: int,
