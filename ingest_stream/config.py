@@ -48,6 +48,7 @@ class Settings:
     schema_dir: Path = PROJECT_ROOT / "schemas"
     max_record_bytes: int = 1_048_576
     dedupe_ttl_s: int = 7 * 24 * 3600
+    dedupe_evict_interval_s: float = 3600.0
     source_batch_size: int = 500
     sink_batch_size: int = 500
     batch_within_s: float = 0.05

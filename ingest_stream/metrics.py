@@ -24,6 +24,9 @@ class Metrics:
         self.duplicates = Counter(
             "ingest_duplicates_total", "Exact duplicates dropped by the dedupe table.",
             ["source"], registry=r)
+        self.dedupe_evicted = Counter(
+            "ingest_dedupe_evicted_total", "Dedupe keys removed after their TTL.",
+            ["source"], registry=r)
         self.lag = Histogram(
             "ingest_lag_seconds", "Source event time to sink commit.",
             ["sink"], buckets=LAG_BUCKETS_S, registry=r)

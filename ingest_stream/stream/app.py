@@ -27,7 +27,6 @@ from ingest_stream.stream.tables import declare_tables, evict_expired
 from ingest_stream.stream.topics import Topics, declare_topics
 
 log = logging.getLogger(__name__)
-EVICTION_INTERVAL_S = 3600.0
 AgentBody = Callable[[faust.StreamT[Any], int, float], Awaitable[None]]
 
 
@@ -73,6 +72,9 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "consumer_auto_offset_reset": "earliest",
         "stream_buffer_maxsize": 16384,
         "recovery_consistency_check": settings.recovery_consistency_check,
+        # On shutdown, don't wait for in-flight batches (a held sink could make that forever):
+        # nothing is acked before it is durable, so whatever was in flight is simply redelivered.
+        "stream_wait_empty": False,
         # An agent that raises leaves unacked records behind it: stop the worker, don't limp on.
         "agent_supervisor": mode.CrashingSupervisor,
     }
@@ -100,44 +102,67 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     }
     app.pipeline = Pipeline(settings, metrics, topics, sinks)  # type: ignore[attr-defined]
 
+    produced = [t.get_topic_name() for t in (*topics.sinks.values(), topics.dlq)] + [
+        table.changelog_topic.get_topic_name()
+        for pair in tables.values() for table in (pair.dedupe, pair.checkpoints)]
     for source in SOURCES:
         processor = SourceProcessor(
             source, app=app, settings=settings, validator=validator, tables=tables[source],
             sink_topics=list(topics.sinks.values()), dead_letters=dead_letters, metrics=metrics)
         _agent(app, f"process-{source}", topics.sources[source], processor.run,
-               settings.source_batch_size, settings.batch_within_s)
-        _eviction_timer(app, settings, source, tables[source].dedupe)
+               settings.source_batch_size, settings.batch_within_s, produced)
+        _eviction_timer(app, settings, source, tables[source].dedupe, metrics)
 
     for name, guarded in sinks.items():
-        sink_processor = SinkProcessor(guarded, dead_letters=dead_letters, metrics=metrics)
+        sink_processor = SinkProcessor(guarded, validator=validator, dead_letters=dead_letters,
+                                       metrics=metrics)
         _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.run,
-               settings.sink_batch_size, settings.batch_within_s)
+               settings.sink_batch_size, settings.batch_within_s, produced)
 
     _views(app, metrics)
     return app
 
 
 def _agent(app: faust.App, name: str, topic: faust.TopicT, run: AgentBody, batch: int,
-           within_s: float) -> None:
+           within_s: float, produced: list[str]) -> None:
     async def agent(stream: faust.StreamT[Any]) -> None:
+        await track_produced_topics(app, produced)
         await run(stream, batch, within_s)
 
     agent.__name__ = name.replace("-", "_")
     app.agent(topic, name=name)(agent)
 
 
+async def track_produced_topics(app: faust.App, names: list[str]) -> None:
+    """Make the producer's metadata client track every topic this worker writes to.
+
+    aiokafka's send() skips `add_topic` for a topic already in its cached metadata (the first
+    fetch asks for all topics). A later refresh asks only for tracked topics, drops the others from
+    the cache, and a batch for a dropped topic then waits for a partition leader forever — and
+    every flush and offset commit waits behind it (seen here when records trickle in).
+    """
+    producer = app.producer._producer  # type: ignore[attr-defined]  # the AIOKafkaProducer
+    client = producer.client
+    missing = [name for name in names if name not in client._topics]
+    if missing:
+        client.set_topics(client._topics | set(missing))
+        await client.force_metadata_update()
+
+
 def _eviction_timer(
-    app: faust.App, settings: Settings, source: str, table: faust.types.TableT[str, str]
+    app: faust.App, settings: Settings, source: str, table: faust.types.TableT[str, str],
+    metrics: Metrics,
 ) -> None:
     topic_name = settings.source_topic(source)
+    evicted = metrics.dedupe_evicted.labels(source)
 
     async def evict() -> None:
         owned = [tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic_name]
-        await evict_expired(table, now_ms=int(time.time() * 1000),
-                            ttl_ms=settings.dedupe_ttl_s * 1000, partitions=owned)
+        evicted.inc(await evict_expired(table, now_ms=int(time.time() * 1000),
+                                        ttl_ms=settings.dedupe_ttl_s * 1000, partitions=owned))
 
     evict.__name__ = f"evict_dedupe_{source}"
-    app.timer(EVICTION_INTERVAL_S)(evict)
+    app.timer(settings.dedupe_evict_interval_s)(evict)
 
 
 def _views(app: faust.App, metrics: Metrics) -> None:

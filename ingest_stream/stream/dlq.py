@@ -1,4 +1,9 @@
-"""Publishing failures to the dead-letter topic: original key, bytes and headers, plus `dlq.*`."""
+"""Publishing failures to the dead-letter topic: original key, bytes and headers, plus `dlq.*`.
+
+The DLQ topic is only ever written, so Faust does not create it with the agents' topics; it is
+declared before the first send. (A send to a topic that does not exist waits in the producer for a
+partition leader, and every flush and offset commit waits behind it.)
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ class DeadLetters:
         self._topic = topic
         self._metrics = metrics
         self._clock = clock
+        self._declared = False
 
     async def publish(
         self,
@@ -40,6 +46,9 @@ class DeadLetters:
         identity: Mapping[str, str],
     ) -> Awaitable[object]:
         """Send the event's message to the DLQ; returns the delivery future (await before acking)."""
+        if not self._declared:
+            await self._topic.maybe_declare()
+            self._declared = True
         message = event.message
         here = position_of(event)
         headers: list[tuple[str, bytes]] = list(message.headers or [])  # type: ignore[arg-type]

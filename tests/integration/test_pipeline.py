@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections import Counter
 from typing import Any
 
 from ingest_stream.config import SOURCES
+from ingest_stream.core.timefmt import epoch_ms
 from tests.dataset import SINKS, Dataset, mixed_dataset, v2
 from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually, headers_of
 
@@ -13,9 +16,9 @@ LIMIT = 64 * 1024
 PRODUCER_HEADER = ("x-producer", b"integration-test")
 
 
-def all_topics(prefix: str) -> list[str]:
-    return ([f"{prefix}.source.{s}" for s in SOURCES] + [f"{prefix}.sink.{s}" for s in SINKS]
-            + [f"{prefix}.dlq"])
+def source_topics(prefix: str) -> list[str]:
+    """What an upstream producer's platform would create; the worker creates the rest itself."""
+    return [f"{prefix}.source.{s}" for s in SOURCES]
 
 
 def expected_postgres(data: Dataset) -> dict[Any, Any]:
@@ -35,13 +38,13 @@ def expected_search(data: Dataset) -> dict[Any, int]:
     return {k: e.revision for k, e in data.final.items() if not e.deleted}
 
 
-def dlq_entries(kafka: Kafka, topic: str) -> Counter[tuple[int, int, str, str]]:
-    """(origin partition, origin offset, reason, stage) of every DLQ record."""
-    entries: Counter[tuple[int, int, str, str]] = Counter()
+def dlq_entries(kafka: Kafka, topic: str) -> Counter[tuple[str, int, int, str, str]]:
+    """(origin topic, partition, offset, reason, stage) of every DLQ record."""
+    entries: Counter[tuple[str, int, int, str, str]] = Counter()
     for message in kafka.read_all(topic):
         h = headers_of(message)
-        entries[(int(h["dlq.origin.partition"]), int(h["dlq.origin.offset"]), h["dlq.reason"],
-                 h["dlq.stage"])] += 1
+        entries[(h["dlq.origin.topic"], int(h["dlq.origin.partition"]), int(h["dlq.origin.offset"]),
+                 h["dlq.reason"], h["dlq.stage"])] += 1
     return entries
 
 
@@ -60,11 +63,16 @@ def produce(kafka: Kafka, prefix: str, data: Dataset) -> list[tuple[int, int]]:
 
 def test_mixed_dataset_end_to_end(kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
     data = mixed_dataset(prefix, max_record_bytes=LIMIT)
-    kafka.create_topics(all_topics(prefix))
+    kafka.create_topics(source_topics(prefix))
     worker: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT))
     worker.start()
     positions = produce(kafka, prefix, data)
-    expected_dlq = Counter((*positions[i], reason, stage) for i, reason, stage in data.dlq)
+    source = f"{prefix}.source.kafka"
+    expected_dlq = Counter((source, *positions[i], reason, stage) for i, reason, stage in data.dlq)
+    # A foreign record written straight to a sink topic is dead-lettered there; the worker survives.
+    sink_topic = f"{prefix}.sink.postgres"
+    [(partition, offset)] = kafka.produce(sink_topic, [(b"x:y", b'{"not": "a record"}')])
+    expected_dlq[(sink_topic, partition, offset, "SCHEMA_DRIFT", "sink.postgres")] += 1
 
     def converged() -> None:
         assert_sinks_hold(sinks, data)
@@ -79,6 +87,10 @@ def test_mixed_dataset_end_to_end(kafka: Kafka, sinks: SinkReader, make_worker, 
     by_position = {positions[i]: data.messages[i] for i in range(len(positions))}
     for message in kafka.read_all(f"{prefix}.dlq"):
         h = headers_of(message)
+        if h["dlq.origin.topic"] == sink_topic:
+            assert message.value() == b'{"not": "a record"}'
+            assert h["dlq.failed.topic"] == sink_topic
+            continue
         origin = (int(h["dlq.origin.partition"]), int(h["dlq.origin.offset"]))
         original = by_position[origin]
         assert h["dlq.origin.topic"] == f"{prefix}.source.kafka"
@@ -96,6 +108,9 @@ def test_mixed_dataset_end_to_end(kafka: Kafka, sinks: SinkReader, make_worker, 
             assert "dlq.failed.topic" not in h
         if h["dlq.reason"] == "VALIDATION_FAIL":
             assert h["dlq.error"].startswith("$")  # the failing JSON path
+    # Checkpoints (read from the table's changelog): per tenant and partition, the last offset and
+    # the latest event time of the records forwarded.
+    assert _checkpoints(kafka, prefix) == _expected_checkpoints(prefix, data, positions)
     # Duplicates were dropped silently and counted; nothing older ever overwrote newer.
     assert worker.metric("ingest_duplicates_total", source="kafka") == data.duplicates
     assert sinks.postgres_overwrites_of_newer(data.tenants) == []
@@ -112,7 +127,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka: Kafka, sinks: Sink
         for entity in range(1500):
             links = [{"rel": "NEXT", "to": f"e-{entity + 1}"}]
             data.add_record(v2(bulk, f"e-{entity}", revision, links=links))
-    kafka.create_topics(all_topics(prefix))
+    kafka.create_topics(source_topics(prefix))
     worker: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT))
     worker.start()
     positions = produce(kafka, prefix, data)
@@ -125,7 +140,8 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka: Kafka, sinks: Sink
     assert lag_at_kill > 0, "the worker had finished before the kill: the test proves nothing"
 
     worker.start()
-    expected_dlq = {(*positions[i], reason, stage) for i, reason, stage in data.dlq}
+    source = f"{prefix}.source.kafka"
+    expected_dlq = {(source, *positions[i], reason, stage) for i, reason, stage in data.dlq}
 
     def converged() -> None:
         assert_sinks_hold(sinks, data)
@@ -137,6 +153,29 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka: Kafka, sinks: Sink
     assert sinks.postgres_overwrites_of_newer(data.tenants) == []
 
 
+def _checkpoints(kafka: Kafka, prefix: str) -> dict[str, tuple[int, int]]:
+    latest: dict[str, tuple[int, int]] = {}
+    for message in kafka.read_all(f"it-{prefix}-checkpoints-kafka-changelog"):
+        value = json.loads(message.value())
+        value = json.loads(value) if isinstance(value, str) else value
+        latest[message.key().decode().strip('"')] = (value["offset"], value["event_time_ms"])
+    return latest
+
+
+def _expected_checkpoints(prefix: str, data: Dataset, positions: list[tuple[int, int]]
+                          ) -> dict[str, tuple[int, int]]:
+    expected: dict[str, tuple[int, int]] = {}
+    for (partition, offset), message in zip(positions, data.messages, strict=True):
+        if message.rejected or message.duplicate:
+            continue
+        record = json.loads(message.value)
+        event_ms = epoch_ms(record.get("event_time") or record["ts"])
+        key = f"{record['tenant']}:kafka:{partition}"
+        previous = expected.get(key, (-1, event_ms))
+        expected[key] = (max(previous[0], offset), max(previous[1], event_ms))
+    return expected
+
+
 def _assert_some_rows(sinks: SinkReader, tenant: str) -> None:
     assert len(sinks.postgres([tenant])) > 0
 
@@ -145,3 +184,54 @@ def _assert_no_lag(kafka: Kafka, group: str, topics: list[str]) -> None:
     lag = kafka.lag(group, topics)
     assert lag, "no committed offsets"
     assert {tp: n for tp, n in lag.items() if n} == {}
+
+
+def test_dedupe_keys_expire_and_are_evicted(kafka: Kafka, sinks: SinkReader, make_worker,
+                                            prefix: str) -> None:
+    tenant = f"{prefix}-ttl"
+    records = [(f"{tenant}:d{i}".encode(), json.dumps(v2(tenant, f"d{i}", 1)).encode()) for i in range(5)]
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(INGEST_DEDUPE_TTL_S="1", INGEST_DEDUPE_EVICT_INTERVAL_S="0.5")
+    worker.start()
+    kafka.produce(f"{prefix}.source.kafka", records)
+    eventually(lambda: _assert_evicted(worker, 5), timeout_s=60, context=worker.log_tail)
+    # The same bytes again after the TTL: new to the dedupe table, an equal revision to the sinks.
+    kafka.produce(f"{prefix}.source.kafka", records)
+    eventually(lambda: _assert_forwarded(worker, 10), timeout_s=60, context=worker.log_tail)
+    assert worker.metric("ingest_duplicates_total", source="kafka") == 0
+    assert {k: v["revision"] for k, v in sinks.postgres([tenant]).items()} == {
+        (tenant, f"d{i}"): 1 for i in range(5)}
+
+
+def _assert_evicted(worker: WorkerProcess, count: int) -> None:
+    assert worker.metric("ingest_dedupe_evicted_total", source="kafka") >= count
+
+
+def _assert_forwarded(worker: WorkerProcess, count: int) -> None:
+    assert worker.metric("ingest_records_total", source="kafka", outcome="forwarded") == count
+
+
+def test_records_trickling_in_one_by_one_all_arrive(kafka: Kafka, sinks: SinkReader, make_worker,
+                                                    prefix: str) -> None:
+    """One record at a time, with pauses: the producer's metadata refreshes in between (a stall
+    here once parked a changelog batch forever, and every commit behind it)."""
+    tenant = f"{prefix}-trickle"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker()
+    worker.start()
+    for i in range(12):
+        record = v2(tenant, f"d{i}", 1)
+        kafka.produce(f"{prefix}.source.kafka", [(f"{tenant}:d{i}".encode(), json.dumps(record).encode())])
+        if i == 6:  # an older revision: the DLQ topic is first written mid-trickle
+            older = json.dumps(v2(tenant, "d0", 0)).encode()
+            kafka.produce(f"{prefix}.source.kafka", [(f"{tenant}:d0".encode(), older)])
+        time.sleep(0.4)  # pacing the producer, not waiting for a result
+    expected = {(tenant, f"d{i}"): 1 for i in range(12)}
+    eventually(lambda: _assert_revisions(sinks, tenant, expected), timeout_s=60, context=worker.log_tail)
+    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", [f"{prefix}.source.kafka"]), timeout_s=30)
+
+
+def _assert_revisions(sinks: SinkReader, tenant: str, expected: dict[tuple[str, str], int]) -> None:
+    assert {k: v["revision"] for k, v in sinks.postgres([tenant]).items()} == expected
+    assert {k: v["revision"] for k, v in sinks.graph_nodes([tenant]).items()} == expected
+    assert sinks.search_documents([tenant]) == expected
