@@ -11,6 +11,7 @@ from typing import Any
 
 import faust
 import mode
+from faust.types import EventT
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -27,7 +28,7 @@ from ingest_stream.stream.tables import declare_tables, evict_expired
 from ingest_stream.stream.topics import Topics, declare_topics
 
 log = logging.getLogger(__name__)
-AgentBody = Callable[[faust.StreamT[Any], int, float], Awaitable[None]]
+BatchHandler = Callable[[list[EventT[Any]]], Awaitable[None]]
 
 
 @dataclass
@@ -109,25 +110,30 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         processor = SourceProcessor(
             source, app=app, settings=settings, validator=validator, tables=tables[source],
             sink_topics=list(topics.sinks.values()), dead_letters=dead_letters, metrics=metrics)
-        _agent(app, f"process-{source}", topics.sources[source], processor.run,
+        _agent(app, f"process-{source}", topics.sources[source], processor.process,
                settings.source_batch_size, settings.batch_within_s, produced)
         _eviction_timer(app, settings, source, tables[source].dedupe, metrics)
 
     for name, guarded in sinks.items():
         sink_processor = SinkProcessor(guarded, validator=validator, dead_letters=dead_letters,
                                        metrics=metrics)
-        _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.run,
+        _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.process,
                settings.sink_batch_size, settings.batch_within_s, produced)
 
     _views(app, metrics)
     return app
 
 
-def _agent(app: faust.App, name: str, topic: faust.TopicT, run: AgentBody, batch: int,
+def _agent(app: faust.App, name: str, topic: faust.TopicT, handle: BatchHandler, batch: int,
            within_s: float, produced: list[str]) -> None:
+    """An agent that takes batches without acking and acks a batch only once `handle` returned:
+    by then everything the batch caused is durable, so its offsets may be committed."""
     async def agent(stream: faust.StreamT[Any]) -> None:
         await track_produced_topics(app, produced)
-        await run(stream, batch, within_s)
+        async for events in stream.noack_take(batch, within_s):  # type: ignore[attr-defined]
+            await handle(events)
+            for event in events:
+                await stream.ack(event)
 
     agent.__name__ = name.replace("-", "_")
     app.agent(topic, name=name)(agent)

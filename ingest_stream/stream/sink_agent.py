@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-import faust
 from faust.types import EventT
 
 from ingest_stream.core.dlq import REDRIVE_HEADER, REPLAY_HEADER, read_origin
@@ -37,12 +36,6 @@ class SinkProcessor:
         self.stage = Stage.for_sink(sink.name)
         self._dead_letters = dead_letters
         self._metrics = metrics
-
-    async def run(self, stream: faust.StreamT[Any], batch_size: int, within_s: float) -> None:
-        async for events in stream.noack_take(batch_size, within_s):  # type: ignore[attr-defined]
-            await self.process(events)
-            for event in events:
-                await stream.ack(event)
 
     async def process(self, events: Sequence[EventT[Any]]) -> None:
         started = time.monotonic()

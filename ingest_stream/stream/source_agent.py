@@ -57,12 +57,6 @@ class SourceProcessor:
         self._duplicate = metrics.records.labels(source, "duplicate")
         self._duplicates = metrics.duplicates.labels(source)
 
-    async def run(self, stream: faust.StreamT[Any], batch_size: int, within_s: float) -> None:
-        async for events in stream.noack_take(batch_size, within_s):  # type: ignore[attr-defined]
-            await self.process(events)
-            for event in events:
-                await stream.ack(event)
-
     async def process(self, events: Sequence[EventT[Any]]) -> None:
         deliveries: list[Awaitable[object]] = []
         checkpoints: dict[str, tuple[EventT[Any], int]] = {}
