@@ -56,6 +56,13 @@ class Settings:
     sink_timeout_s: float = 10.0
     sink_retry_base_s: float = 0.2
     sink_retry_cap_s: float = 10.0
+    sink_retry_attempts: int = 5  # per batch, with INGEST_SINK_FAILURE_POLICY=dlq
+    breaker_failure_threshold: int = 5  # consecutive failed attempts that open a sink's circuit
+    breaker_failure_rate: float = 0.5  # ... or this share of the last INGEST_BREAKER_WINDOW attempts
+    breaker_window: int = 20
+    breaker_open_s: float = 30.0  # open → half-open
+    stall_timeout_s: float = 300.0  # records waiting, no progress this long: the worker exits (70)
+    stall_check_interval_s: float = 10.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -5,7 +5,7 @@ Labels are bounded: sink, source, reason, stage, outcome — never a tenant-supp
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 BATCH_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -38,3 +38,9 @@ class Metrics:
             ["sink"], buckets=BATCH_BUCKETS_S, registry=r)
         self.retries = Counter(
             "ingest_retry_total", "Sink operation retries.", ["sink", "reason"], registry=r)
+        self.circuit_state = Gauge(
+            "ingest_circuit_state", "Circuit breaker state per sink: 0 closed, 1 half-open, 2 open.",
+            ["sink"], registry=r)
+        self.circuit_transitions = Counter(
+            "ingest_circuit_transitions_total", "Circuit breaker state changes, by the state entered.",
+            ["sink", "state"], registry=r)

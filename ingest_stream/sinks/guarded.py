@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random as random_module
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from ingest_stream.core.backoff import BackoffPolicy
+from ingest_stream.core.breaker import CircuitBreaker, CircuitState
 from ingest_stream.core.reasons import Reason
 from ingest_stream.core.revision import plan_batch
 from ingest_stream.errors import SinkError
@@ -39,7 +41,8 @@ class GuardedSink:
     """`hold`: retry retryable errors until the sink answers (the agent stops moving, lag grows).
     `dlq`: after the policy's attempts, the batch's records fail with the last error's reason.
     Non-retryable errors are isolated: the batch is re-applied record by record, so only the
-    records the sink refuses fail.
+    records the sink refuses fail. A circuit breaker stops calls to a sink that keeps failing
+    (CIRCUIT_OPEN, retryable) and lets a probe through after its open period.
     """
 
     def __init__(
@@ -50,8 +53,10 @@ class GuardedSink:
         backoff: BackoffPolicy,
         failure_policy: str,
         timeout_s: float,
+        breaker: CircuitBreaker | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         random: Callable[[], float] = random_module.random,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sink = sink
         self.name = sink.name
@@ -61,19 +66,27 @@ class GuardedSink:
         self._timeout_s = timeout_s
         self._sleep = sleep
         self._random = random
+        self._clock = clock
+        self.breaker = breaker or CircuitBreaker()
+        self._reported_state = CircuitState.CLOSED
+        metrics.circuit_state.labels(self.name).set(CircuitState.CLOSED)
         self._opened = False
+        self.retrying = False  # waiting out a failing sink: busy, not stalled
 
     async def apply(self, writes: Sequence[Write]) -> BatchOutcome:
+        try:
+            return await self._apply(writes)
+        finally:
+            self.retrying = False
+
+    async def _apply(self, writes: Sequence[Write]) -> BatchOutcome:
         attempt = 0
         while True:
             attempt += 1
-            try:
-                async with asyncio.timeout(self._timeout_s):  # a hung server must not hang us
-                    return await self._attempt(writes)
-            except TimeoutError:
-                error = SinkError(self.name, Reason.SINK_TIMEOUT, f"no answer in {self._timeout_s}s")
-            except SinkError as exc:
-                error = exc
+            result = await self._call(writes)
+            if isinstance(result, BatchOutcome):
+                return result
+            error = result
             if not error.retryable:
                 return await self._isolate(writes, error, attempt)
             self._metrics.retries.labels(self.name, error.reason.value).inc()
@@ -83,7 +96,42 @@ class GuardedSink:
                 min(attempt, 32), random=self._random, retry_after_s=error.retry_after_s)
             log.warning("sink %s: attempt %d for %d record(s) failed (%s); retrying in %.2fs",
                         self.name, attempt, len(writes), error, delay)
+            self.retrying = True
             await self._sleep(delay)
+
+    async def _call(self, writes: Sequence[Write]) -> BatchOutcome | SinkError:
+        """One attempt through the circuit breaker: an outcome, or the error that stopped it."""
+        now = self._clock()
+        if not self.breaker.allow(now):
+            wait = self.breaker.retry_after(now)
+            self._report_state()
+            return SinkError(self.name, Reason.CIRCUIT_OPEN, f"circuit open, probe in {wait:.1f}s",
+                             retry_after_s=wait)
+        try:
+            async with asyncio.timeout(self._timeout_s):  # a hung server must not hang us
+                outcome = await self._attempt(writes)
+        except TimeoutError:
+            error = SinkError(self.name, Reason.SINK_TIMEOUT, f"no answer in {self._timeout_s}s")
+        except SinkError as exc:
+            error = exc
+        else:
+            self.breaker.record_success(self._clock())
+            self._report_state()
+            return outcome
+        if error.retryable:  # a refused record says the sink is up; only outages count
+            self.breaker.record_failure(self._clock())
+        else:
+            self.breaker.record_success(self._clock())
+        self._report_state()
+        return error
+
+    def _report_state(self) -> None:
+        state = self.breaker.state(self._clock())
+        if state is not self._reported_state:
+            log.warning("sink %s: circuit %s -> %s", self.name, self._reported_state.label, state.label)
+            self._reported_state = state
+            self._metrics.circuit_state.labels(self.name).set(state)
+            self._metrics.circuit_transitions.labels(self.name, state.label).inc()
 
     async def _attempt(self, writes: Sequence[Write]) -> BatchOutcome:
         if not self._opened:  # a sink that is down at start is retried like any outage
@@ -103,5 +151,5 @@ class GuardedSink:
             return BatchOutcome(failed=[(writes[0], error, attempt)])
         outcome = BatchOutcome()
         for write in writes:  # in order, so the revision rule sees them as they came
-            outcome.merge(await self.apply([write]))
+            outcome.merge(await self._apply([write]))
         return outcome
