@@ -12,10 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,8 +25,10 @@ import typesense
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from neo4j import AsyncDriver, AsyncGraphDatabase
+from typesense.exceptions import ObjectNotFound
 
 from ingest_stream.ops.devstack import DevStack, free_port
+from ingest_stream.stream.watchdog import STALL_EXIT_CODE
 
 T = TypeVar("T")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +54,23 @@ class WorkerProcess:
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    exits: list[int] = field(default_factory=list)  # exit codes seen by the supervisor
+    _supervisor: threading.Thread | None = None
+    _stopping: bool = False
+
+    def supervise(self, restart_on: tuple[int, ...] = (STALL_EXIT_CODE,)) -> None:
+        """Act as an orchestrator: restart the worker when it exits with one of these codes."""
+        def watch() -> None:
+            while not self._stopping:
+                if self.process is not None and self.process.poll() is not None and not self._stopping:
+                    self.exits.append(self.process.returncode)
+                    if self.process.returncode not in restart_on:
+                        return
+                    self.start()
+                time.sleep(0.5)  # a supervisor's polling interval
+
+        self._supervisor = threading.Thread(target=watch, daemon=True)
+        self._supervisor.start()
 
     @property
     def web_port(self) -> int:
@@ -82,6 +102,7 @@ class WorkerProcess:
         self.process.wait(10)
 
     def stop(self) -> int | None:
+        self._stopping = True
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else None
         self.process.send_signal(signal.SIGTERM)
@@ -278,8 +299,11 @@ class SinkReader:
         for tenant in tenants:
             page = 1
             while True:
-                result = self._typesense.collections["ingest_records"].documents.search({
-                    "q": "*", "filter_by": f"tenant:=`{tenant}`", "per_page": 250, "page": page})
+                try:
+                    result = self._typesense.collections["ingest_records"].documents.search({
+                        "q": "*", "filter_by": f"tenant:=`{tenant}`", "per_page": 250, "page": page})
+                except ObjectNotFound:  # no collection yet: nothing written
+                    return found
                 for hit in result["hits"]:
                     doc = hit["document"]
                     found[(doc["tenant"], doc["record_id"])] = doc["revision"]
