@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest_stream.config import SOURCES, Settings
 from ingest_stream.core.backoff import BackoffPolicy
+from ingest_stream.core.breaker import BreakerPolicy, CircuitBreaker
 from ingest_stream.core.schemas import RecordValidator
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Sink
@@ -26,6 +27,7 @@ from ingest_stream.stream.sink_agent import SinkProcessor
 from ingest_stream.stream.source_agent import SourceProcessor
 from ingest_stream.stream.tables import declare_tables, evict_expired
 from ingest_stream.stream.topics import Topics, declare_topics
+from ingest_stream.stream.watchdog import install_watchdog
 
 log = logging.getLogger(__name__)
 BatchHandler = Callable[[list[EventT[Any]]], Awaitable[None]]
@@ -73,9 +75,9 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "consumer_auto_offset_reset": "earliest",
         "stream_buffer_maxsize": 16384,
         "recovery_consistency_check": settings.recovery_consistency_check,
-        # On shutdown, don't wait for in-flight batches (a held sink could make that forever):
-        # nothing is acked before it is durable, so whatever was in flight is simply redelivered.
-        "stream_wait_empty": False,
+        # stream_wait_empty stays on (Faust's default): it also makes a rebalance wait for in-flight
+        # batches to finish and ack before partitions move. Turned off, a batch spanning a
+        # rebalance stalled the restarted worker in the SIGKILL test.
         # An agent that raises leaves unacked records behind it: stop the worker, don't limp on.
         "agent_supervisor": mode.CrashingSupervisor,
     }
@@ -94,11 +96,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     validator = RecordValidator.from_directory(
         settings.schema_dir, max_record_bytes=settings.max_record_bytes)
     dead_letters = DeadLetters(topics.dlq, metrics, clock=lambda: datetime.now(UTC))
-    backoff = BackoffPolicy(base_s=settings.sink_retry_base_s, cap_s=settings.sink_retry_cap_s)
+    backoff = BackoffPolicy(base_s=settings.sink_retry_base_s, cap_s=settings.sink_retry_cap_s,
+                            max_attempts=settings.sink_retry_attempts)
+    breaker_policy = BreakerPolicy(
+        failure_threshold=settings.breaker_failure_threshold, failure_rate=settings.breaker_failure_rate,
+        window=settings.breaker_window, min_calls=settings.breaker_window // 2,
+        open_s=settings.breaker_open_s)
     sinks = {
         name: GuardedSink(build_sink(name, settings), metrics=metrics, backoff=backoff,
                           failure_policy=settings.sink_failure_policy,
-                          timeout_s=settings.sink_timeout_s)
+                          timeout_s=settings.sink_timeout_s, breaker=CircuitBreaker(breaker_policy))
         for name in settings.sinks
     }
     app.pipeline = Pipeline(settings, metrics, topics, sinks)  # type: ignore[attr-defined]
@@ -120,6 +127,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.process,
                settings.sink_batch_size, settings.batch_within_s, produced)
 
+    install_watchdog(
+        app, settings,
+        consumed={t.get_topic_name() for t in (*topics.sources.values(), *topics.sinks.values())},
+        sinks_by_topic={topics.sinks[name].get_topic_name(): sink for name, sink in sinks.items()})
     _views(app, metrics)
     return app
 

@@ -1,0 +1,60 @@
+"""The stall watchdog: a timer feeding `core.stall.StallDetector`; on a stall the worker exits hard.
+
+Exiting is the only reliable remedy from inside: a stalled Faust stream does not recover by itself,
+and a graceful stop waits for the very streams that are stuck. Nothing is lost — un-acked records
+are redelivered after the orchestrator restarts the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import faust
+
+from ingest_stream.config import Settings
+from ingest_stream.core.stall import StallDetector
+from ingest_stream.sinks.guarded import GuardedSink
+
+log = logging.getLogger(__name__)
+STALL_EXIT_CODE = 70  # EX_SOFTWARE
+
+
+def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
+                     sinks_by_topic: Mapping[str, GuardedSink],
+                     clock: Callable[[], float] = time.monotonic,
+                     exit_now: Callable[[int], object] = os._exit) -> Callable[[], Awaitable[None]]:
+    """Register the watchdog timer; returns the check itself (tests call it directly)."""
+    detector = StallDetector(settings.stall_timeout_s)
+
+    async def watch_for_stalls() -> None:
+        consumer = app.consumer
+        positions: dict[str, tuple[int, int]] = {}
+        busy: set[str] = set()
+        for tp in consumer.assignment():
+            if tp.topic not in consumed:
+                continue
+            end = consumer.highwater(tp)
+            committed = consumer._committed_offset.get(tp)  # type: ignore[attr-defined]
+            done = committed if committed is not None else await consumer.position(tp)
+            if end is None or done is None:
+                continue
+            key = f"{tp.topic}[{tp.partition}]"
+            positions[key] = (done, end)
+            sink = sinks_by_topic.get(tp.topic)
+            if sink is not None and sink.retrying:
+                busy.add(key)
+        stalled = detector.observe(clock(), positions, busy)
+        if stalled:
+            log.critical("stall: %s had records waiting and no progress for %.0fs; exiting (%d) so the "
+                         "worker is restarted; un-acked records will be redelivered",
+                         ", ".join(stalled), settings.stall_timeout_s, STALL_EXIT_CODE)
+            logging.shutdown()
+            sys.stderr.flush()
+            exit_now(STALL_EXIT_CODE)
+
+    app.timer(settings.stall_check_interval_s)(watch_for_stalls)
+    return watch_for_stalls

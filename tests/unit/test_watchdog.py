@@ -1,0 +1,62 @@
+"""The watchdog's wiring with a stand-in for Faust's consumer (no broker)."""
+
+from types import SimpleNamespace
+
+from faust.types import TP
+
+from ingest_stream.config import Settings
+from ingest_stream.stream.watchdog import STALL_EXIT_CODE, install_watchdog
+
+
+class FakeConsumer:
+    def __init__(self, source_end: int) -> None:
+        self.tps = {TP("src", 0): (10, source_end), TP("sink", 0): (5, 9), TP("changelog", 0): (0, 99)}
+        self._committed_offset = {tp: done for tp, (done, _) in self.tps.items()}
+
+    def assignment(self):
+        return set(self.tps)
+
+    def highwater(self, tp):
+        return self.tps[tp][1]
+
+    async def position(self, tp):
+        return self.tps[tp][0]
+
+
+def _install(retrying: bool, source_end: int = 50):
+    now = [0.0]
+    exits: list[int] = []
+    timers = []
+    app = SimpleNamespace(consumer=FakeConsumer(source_end), timer=lambda interval: timers.append)
+    sink = SimpleNamespace(retrying=retrying)
+    check = install_watchdog(app, Settings(stall_timeout_s=30), consumed={"src", "sink"},
+                             sinks_by_topic={"sink": sink}, clock=lambda: now[0], exit_now=exits.append)
+    return check, now, exits, timers
+
+
+async def test_a_partition_waiting_without_progress_makes_the_worker_exit():
+    check, now, exits, timers = _install(retrying=False)
+    assert timers == [check]
+    await check()
+    now[0] = 29
+    await check()
+    assert exits == []
+    now[0] = 31
+    await check()
+    assert exits == [STALL_EXIT_CODE]
+
+
+async def test_a_sink_that_is_retrying_is_busy_not_stalled():
+    check, now, exits, _ = _install(retrying=True, source_end=10)  # only the sink has records waiting
+    await check()
+    now[0] = 100
+    await check()
+    assert exits == []
+
+
+async def test_the_same_sink_not_retrying_is_stalled():
+    check, now, exits, _ = _install(retrying=False, source_end=10)
+    await check()
+    now[0] = 100
+    await check()
+    assert exits == [STALL_EXIT_CODE]
