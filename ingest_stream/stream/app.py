@@ -76,8 +76,7 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "stream_buffer_maxsize": 16384,
         "recovery_consistency_check": settings.recovery_consistency_check,
         # stream_wait_empty stays on (Faust's default): it also makes a rebalance wait for in-flight
-        # batches to finish and ack before partitions move. Turned off, a batch spanning a
-        # rebalance stalled the restarted worker in the SIGKILL test.
+        # batches to finish and ack before partitions move, the safer order for our manual acks.
         # An agent that raises leaves unacked records behind it: stop the worker, don't limp on.
         "agent_supervisor": mode.CrashingSupervisor,
     }
