@@ -27,8 +27,10 @@ from ingest_stream.core.revision import Version
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.errors import SinkError
 from ingest_stream.sinks.base import Write, translated_errors
+from ingest_stream.sinks.errors import classifier
 
 log = logging.getLogger(__name__)
+_classify = classifier("neo4j")
 
 _UPSERT = """
 UNWIND $rows AS r
@@ -61,21 +63,6 @@ _SCHEMA = {
 }
 
 
-def classify(exc: BaseException) -> SinkError | None:
-    """neo4j driver exceptions to reason codes, by type."""
-    if isinstance(exc, neo4j_errors.ConstraintError | neo4j_errors.CypherTypeError):
-        reason = Reason.CONSTRAINT_VIOLATION
-    elif isinstance(exc, neo4j_errors.ServiceUnavailable | neo4j_errors.SessionExpired | OSError):
-        reason = Reason.CONNECTION_ERROR
-    elif isinstance(exc, TimeoutError | neo4j_errors.TransientError):
-        reason = Reason.SINK_TIMEOUT
-    elif isinstance(exc, neo4j_errors.Neo4jError | neo4j_errors.DriverError):
-        reason = Reason.CONNECTION_ERROR
-    else:
-        return None
-    return SinkError("neo4j", reason, f"{type(exc).__name__}: {exc}")
-
-
 class Neo4jSink:
     name = "neo4j"
 
@@ -97,7 +84,7 @@ class Neo4jSink:
             self._uri, auth=self._auth, connection_timeout=self._timeout_s,
             max_transaction_retry_time=0,  # retries are ours (backoff + circuit), not the driver's
         )
-        with translated_errors(classify):
+        with translated_errors(_classify):
             for statement in _SCHEMA[self._flavor]:
                 try:
                     await self._driver.execute_query(statement)
@@ -121,7 +108,7 @@ class Neo4jSink:
 
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
         found: dict[str, Version] = {}
-        with translated_errors(classify):
+        with translated_errors(_classify):
             for start in range(0, len(keys), self._batch_size):
                 chunk = [dict(zip(("tenant", "id"), split_entity_key(k), strict=True))
                          for k in keys[start:start + self._batch_size]]
@@ -143,7 +130,7 @@ class Neo4jSink:
                 result = await tx.run(_UPSERT, rows=chunk)
                 await result.consume()
 
-        with translated_errors(classify):
+        with translated_errors(_classify):
             if self._concurrency == 1:
                 async with self.driver.session() as session:
                     await session.execute_write(apply)

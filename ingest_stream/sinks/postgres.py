@@ -15,8 +15,10 @@ from ingest_stream.core.revision import Version
 from ingest_stream.core.timefmt import parse_rfc3339
 from ingest_stream.errors import SinkError
 from ingest_stream.sinks.base import Write, translated_errors
+from ingest_stream.sinks.errors import classifier
 
 log = logging.getLogger(__name__)
+_classify = classifier("postgres")
 
 MIGRATIONS_LOCK_ID = 0x1A6E57  # pg_advisory lock held while migrating: workers start together
 
@@ -41,20 +43,6 @@ JOIN unnest($1::text[], $2::text[]) AS k(tenant, id) ON r.tenant = k.tenant AND 
 """
 
 
-def classify(exc: BaseException) -> SinkError | None:
-    """asyncpg and socket exceptions to reason codes, by type; None for anything else (a bug)."""
-    if not isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | TimeoutError):
-        return None
-    reason = Reason.CONNECTION_ERROR
-    if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
-        reason = Reason.SINK_TIMEOUT
-    elif isinstance(exc, asyncpg.TooManyConnectionsError):
-        reason = Reason.RATE_LIMITED
-    elif isinstance(exc, asyncpg.IntegrityConstraintViolationError | asyncpg.DataError):
-        reason = Reason.CONSTRAINT_VIOLATION
-    return SinkError("postgres", reason, f"{type(exc).__name__}: {exc}")
-
-
 class PostgresSink:
     name = "postgres"
 
@@ -64,7 +52,7 @@ class PostgresSink:
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
-        with translated_errors(classify):
+        with translated_errors(_classify):
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=4, command_timeout=self._timeout_s
             )
@@ -84,7 +72,7 @@ class PostgresSink:
 
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
         tenants, ids = zip(*(split_entity_key(k) for k in keys), strict=True) if keys else ((), ())
-        with translated_errors(classify):
+        with translated_errors(_classify):
             rows = await self.pool.fetch(_CURRENT, list(tenants), list(ids))
         return {
             entity_key(row["tenant"], row["id"]):
@@ -95,7 +83,7 @@ class PostgresSink:
     async def write(self, writes: Sequence[Write]) -> None:
         normal = [w for w in writes if not w.may_rewrite_equal]
         rewrites = [w for w in writes if w.may_rewrite_equal]
-        with translated_errors(classify):
+        with translated_errors(_classify):
             async with self.pool.acquire() as conn, conn.transaction():
                 if normal:
                     await conn.execute(_UPSERT.format(guard="<"), *_columns(normal))

@@ -13,17 +13,16 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote, urlparse
 
-import httpx
 import typesense
 from typesense import exceptions as ts_errors
 
-from ingest_stream.core.reasons import Reason
 from ingest_stream.core.revision import Version
 from ingest_stream.core.timefmt import epoch_ms
-from ingest_stream.errors import SinkError
 from ingest_stream.sinks.base import Write, translated_errors
+from ingest_stream.sinks.errors import classifier
 
 log = logging.getLogger(__name__)
+_classify = classifier("typesense")
 
 COLLECTION = "ingest_records"
 TOMBSTONES = "ingest_records_tombstones"
@@ -64,19 +63,6 @@ def document_id(key: str) -> str:
     return f"{tenant}:{quote(record_id, safe='._-')}"
 
 
-def classify(exc: BaseException) -> SinkError | None:
-    """typesense client / httpx exceptions to reason codes, by type."""
-    if isinstance(exc, ts_errors.Timeout | httpx.TimeoutException | TimeoutError):
-        reason = Reason.SINK_TIMEOUT
-    elif isinstance(exc, ts_errors.ObjectUnprocessable | ts_errors.RequestMalformed):
-        reason = Reason.CONSTRAINT_VIOLATION
-    elif isinstance(exc, ts_errors.TypesenseClientError | httpx.TransportError | OSError):
-        reason = Reason.CONNECTION_ERROR
-    else:
-        return None
-    return SinkError("typesense", reason, f"{type(exc).__name__}: {exc}")
-
-
 class ImportRejected(ts_errors.ObjectUnprocessable):
     """A document of an import batch was refused (the import call itself answered 200)."""
 
@@ -96,7 +82,7 @@ class TypesenseSink:
         })
 
     async def open(self) -> None:
-        with translated_errors(classify):
+        with translated_errors(_classify):
             await self._ensure_collections()
 
     async def _ensure_collections(self) -> None:
@@ -114,7 +100,7 @@ class TypesenseSink:
         await self._client.api_call.aclose()
 
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
-        with translated_errors(classify):
+        with translated_errors(_classify):
             return await self._current_revisions(keys)
 
     async def _current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
@@ -141,7 +127,7 @@ class TypesenseSink:
         return found
 
     async def write(self, writes: Sequence[Write]) -> None:
-        with translated_errors(classify):
+        with translated_errors(_classify):
             await self._write(writes)
 
     async def _write(self, writes: Sequence[Write]) -> None:
