@@ -81,6 +81,7 @@ class ServerProcess:
     ready: Callable[[], bool]
     user: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    stop_signal: signal.Signals = signal.SIGTERM
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -114,11 +115,11 @@ class ServerProcess:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after the timeout."""
+        """The server's stop signal, then SIGKILL after the timeout."""
         if self.process is None:
             return
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(self.stop_signal)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -257,6 +258,7 @@ class DevStack:
             log_path=self.root / "logs" / "postgres.log",
             ready=lambda: _pg_ready(bin_dir, self.postgres_port),
             user=user,
+            stop_signal=signal.SIGINT,  # "fast" shutdown: SIGTERM would wait for every client to leave
         )
 
     def _graph(self) -> ServerProcess:
