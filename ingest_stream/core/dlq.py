@@ -59,6 +59,11 @@ def read_origin(headers: Headers) -> Position | None:
         return None
 
 
+def reprocessed(headers: Headers) -> bool:
+    """Redriven or replayed: bypasses dedupe and may rewrite an equal revision (contract §5)."""
+    return any(k in (REDRIVE_HEADER, REPLAY_HEADER) for k, _ in headers)
+
+
 def header_value(headers: Headers, name: str) -> str | None:
     """The last value of a header, decoded, or None."""
     value = None

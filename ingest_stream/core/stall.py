@@ -1,8 +1,11 @@
-"""Stall detection: partitions with records waiting whose position has not moved for too long.
+"""Stall detection: a partition that is behind and whose progress has not moved for too long.
 
-Faust agents are known to stop silently (a partition no longer fetched, a stream that never wakes);
-the worker cannot fix that from inside, but it can notice and exit so an orchestrator restarts it.
-A partition whose sink is deliberately holding (circuit open, retrying) is busy, not stalled.
+Behind means records wait beyond what was processed, or processed (acked) records were never
+committed. Both have been seen here with Faust: a partition no longer fetched after a rebalance,
+and a committer stuck behind a gap while every record had been acked. The worker cannot fix either
+from inside, but it can notice and exit so an orchestrator restarts it (un-acked or uncommitted
+records are then simply processed again). A partition whose sink is deliberately holding (circuit
+open, retrying) is busy, not stalled.
 """
 
 from __future__ import annotations
@@ -11,21 +14,34 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True, slots=True)
+class Progress:
+    committed: int | None  # next offset to read, as committed by this worker
+    acked: int | None  # one past the highest offset this worker's agents acked
+    end: int  # the partition's end offset
+
+    @property
+    def behind(self) -> bool:
+        done = max(o for o in (self.committed, self.acked, 0) if o is not None)
+        uncommitted = self.acked is not None and (self.committed is None or self.acked > self.committed)
+        return self.end > done or uncommitted
+
+
 @dataclass
 class StallDetector:
     timeout_s: float
-    _last_move: dict[str, tuple[int, float]] = field(default_factory=dict)  # key -> (position, since)
+    _since: dict[str, tuple[tuple[int | None, int | None], float]] = field(default_factory=dict)
 
-    def observe(self, now: float, positions: Mapping[str, tuple[int, int]],
-                busy: Collection[str] = ()) -> list[str]:
-        """`positions`: key -> (processed position, end offset). The keys stalled at `now`."""
+    def observe(self, now: float, progress: Mapping[str, Progress], busy: Collection[str] = ()) -> list[str]:
+        """The keys stalled at `now`: behind, not busy, and no progress for `timeout_s`."""
         stalled: list[str] = []
-        for key, (position, end) in positions.items():
-            previous = self._last_move.get(key)
-            if end <= position or key in busy or previous is None or previous[0] != position:
-                self._last_move[key] = (position, now)
+        for key, state in progress.items():
+            signature = (state.committed, state.acked)
+            previous = self._since.get(key)
+            if not state.behind or key in busy or previous is None or previous[0] != signature:
+                self._since[key] = (signature, now)
             elif now - previous[1] >= self.timeout_s:
                 stalled.append(key)
-        for gone in set(self._last_move) - set(positions):
-            del self._last_move[gone]
+        for gone in set(self._since) - set(progress):
+            del self._since[gone]
         return sorted(stalled)

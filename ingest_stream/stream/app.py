@@ -109,6 +109,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     }
     app.pipeline = Pipeline(settings, metrics, topics, sinks)  # type: ignore[attr-defined]
 
+    acked: dict[Any, int] = {}  # TP -> one past the highest offset an agent acked (for the watchdog)
     produced = [t.get_topic_name() for t in (*topics.sinks.values(), topics.dlq)] + [
         table.changelog_topic.get_topic_name()
         for pair in tables.values() for table in (pair.dedupe, pair.checkpoints)]
@@ -117,17 +118,17 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
             source, app=app, settings=settings, validator=validator, tables=tables[source],
             sink_topics=list(topics.sinks.values()), dead_letters=dead_letters, metrics=metrics)
         _agent(app, f"process-{source}", topics.sources[source], processor.process,
-               settings.source_batch_size, settings.batch_within_s, produced)
+               settings.source_batch_size, settings.batch_within_s, produced, acked)
         _eviction_timer(app, settings, source, tables[source].dedupe, metrics)
 
     for name, guarded in sinks.items():
         sink_processor = SinkProcessor(guarded, validator=validator, dead_letters=dead_letters,
                                        metrics=metrics)
         _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.process,
-               settings.sink_batch_size, settings.batch_within_s, produced)
+               settings.sink_batch_size, settings.batch_within_s, produced, acked)
 
     install_watchdog(
-        app, settings,
+        app, settings, acked=acked,
         consumed={t.get_topic_name() for t in (*topics.sources.values(), *topics.sinks.values())},
         sinks_by_topic={topics.sinks[name].get_topic_name(): sink for name, sink in sinks.items()})
     _views(app, metrics)
@@ -135,7 +136,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
 
 
 def _agent(app: faust.App, name: str, topic: faust.TopicT, handle: BatchHandler, batch: int,
-           within_s: float, produced: list[str]) -> None:
+           within_s: float, produced: list[str], acked: dict[Any, int]) -> None:
     """An agent that takes batches without acking and acks a batch only once `handle` returned:
     by then everything the batch caused is durable, so its offsets may be committed."""
     async def agent(stream: faust.StreamT[Any]) -> None:
@@ -144,6 +145,8 @@ def _agent(app: faust.App, name: str, topic: faust.TopicT, handle: BatchHandler,
             await handle(events)
             for event in events:
                 await stream.ack(event)
+                message = event.message
+                acked[message.tp] = max(acked.get(message.tp, 0), message.offset + 1)
 
     agent.__name__ = name.replace("-", "_")
     app.agent(topic, name=name)(agent)

@@ -17,9 +17,15 @@ from faust.types import EventT
 
 from ingest_stream.core.dlq import Position, failure_headers, read_origin
 from ingest_stream.core.reasons import Reason, Stage
+from ingest_stream.core.schemas import Rejected
 from ingest_stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+def headers_of(event: EventT[Any]) -> list[tuple[str, bytes]]:
+    """The message's headers as a fresh list of (name, bytes) — aiokafka's form."""
+    return list(event.message.headers or [])  # type: ignore[arg-type]
 
 
 def position_of(event: EventT[Any]) -> Position:
@@ -51,7 +57,7 @@ class DeadLetters:
             self._declared = True
         message = event.message
         here = position_of(event)
-        headers: list[tuple[str, bytes]] = list(message.headers or [])  # type: ignore[arg-type]
+        headers = headers_of(event)
         origin = read_origin(headers) or here
         failed = here if stage.sink is not None else None
         self._metrics.dlq.labels(reason.value, stage.value).inc()
@@ -65,3 +71,9 @@ class DeadLetters:
                                     attempts=attempts, origin=origin, failed=failed,
                                     failed_at=self._clock(), identity=identity),
         )
+
+    async def reject(self, event: EventT[Any], verdict: Rejected, *, stage: Stage | None = None
+                     ) -> Awaitable[object]:
+        """Dead-letter a record the validator rejected (at `stage`, else the verdict's own)."""
+        return await self.publish(event, reason=verdict.reason, stage=stage or verdict.stage,
+                                  error=verdict.error, identity=verdict.identity)

@@ -15,17 +15,16 @@ from typing import Any
 
 from faust.types import EventT
 
-from ingest_stream.core.dlq import REDRIVE_HEADER, REPLAY_HEADER, read_origin
+from ingest_stream.core.dlq import read_origin, reprocessed
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.schemas import RecordValidator, Rejected
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Write
 from ingest_stream.sinks.guarded import GuardedSink
-from ingest_stream.stream.dlq import DeadLetters
+from ingest_stream.stream.dlq import DeadLetters, headers_of
 
 log = logging.getLogger(__name__)
-_MAY_REWRITE = (REDRIVE_HEADER, REPLAY_HEADER)
 
 
 class SinkProcessor:
@@ -46,15 +45,11 @@ class SinkProcessor:
             message = event.message
             verdict = self._validator.check(message.value or b"")
             if isinstance(verdict, Rejected):  # not written by us: a foreign producer
-                deliveries.append(await self._dead_letters.publish(
-                    event, reason=verdict.reason, stage=self.stage, error=verdict.error,
-                    identity=verdict.identity))
+                deliveries.append(await self._dead_letters.reject(event, verdict, stage=self.stage))
                 continue
-            record = verdict.record
-            headers: list[tuple[str, bytes]] = list(message.headers or [])  # type: ignore[arg-type]
-            rewrite = any(k in _MAY_REWRITE for k, _ in headers)
+            headers = headers_of(event)
             origin = read_origin(headers)
-            write = Write(record, may_rewrite_equal=rewrite,
+            write = Write(verdict.record, may_rewrite_equal=reprocessed(headers),
                           origin_tp=f"{origin.topic}:{origin.partition}" if origin else None,
                           origin_offset=origin.offset if origin else None)
             writes.append(write)

@@ -19,16 +19,15 @@ from faust.types import EventT
 
 from ingest_stream.config import Settings
 from ingest_stream.core import dedupe
-from ingest_stream.core.dlq import REDRIVE_HEADER, REPLAY_HEADER, origin_headers
+from ingest_stream.core.dlq import origin_headers, reprocessed
 from ingest_stream.core.record import encode, entity_key
 from ingest_stream.core.schemas import RecordValidator, Rejected
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
-from ingest_stream.stream.dlq import DeadLetters, position_of
+from ingest_stream.stream.dlq import DeadLetters, headers_of, position_of
 from ingest_stream.stream.tables import SourceTables, make_current
 
 log = logging.getLogger(__name__)
-_BYPASS_DEDUPE = (REDRIVE_HEADER, REPLAY_HEADER)
 
 
 class SourceProcessor:
@@ -66,14 +65,12 @@ class SourceProcessor:
             verdict = self._validator.check(message.value or b"")
             if isinstance(verdict, Rejected):
                 self._rejected.inc()
-                deliveries.append(await self._dead_letters.publish(
-                    event, reason=verdict.reason, stage=verdict.stage, error=verdict.error,
-                    identity=verdict.identity))
+                deliveries.append(await self._dead_letters.reject(event, verdict))
                 continue
             record = verdict.record
-            headers: list[tuple[str, bytes]] = list(message.headers or [])  # type: ignore[arg-type]
+            headers = headers_of(event)
             make_current(event)
-            if not any(k in _BYPASS_DEDUPE for k, _ in headers) and self._is_duplicate(
+            if not reprocessed(headers) and self._is_duplicate(
                     dedupe.dedupe_key(record), message.partition, message.offset, now_ms):
                 self._duplicate.inc()
                 self._duplicates.inc()

@@ -12,11 +12,12 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import faust
 
 from ingest_stream.config import Settings
-from ingest_stream.core.stall import StallDetector
+from ingest_stream.core.stall import Progress, StallDetector
 from ingest_stream.sinks.guarded import GuardedSink
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ STALL_EXIT_CODE = 70  # EX_SOFTWARE
 
 
 def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
-                     sinks_by_topic: Mapping[str, GuardedSink],
+                     sinks_by_topic: Mapping[str, GuardedSink], acked: Mapping[Any, int],
                      clock: Callable[[], float] = time.monotonic,
                      exit_now: Callable[[int], object] = os._exit) -> Callable[[], Awaitable[None]]:
     """Register the watchdog timer; returns the check itself (tests call it directly)."""
@@ -32,18 +33,21 @@ def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
 
     async def watch_for_stalls() -> None:
         consumer = app.consumer
-        positions: dict[str, tuple[int, int]] = {}
+        positions: dict[str, Progress] = {}
         busy: set[str] = set()
-        for tp in consumer.assignment():
-            if tp.topic not in consumed:
+        tps = [tp for tp in consumer.assignment() if tp.topic in consumed]
+        # From the broker, not the fetch cache: a partition that stopped being fetched has none.
+        ends = await consumer.highwaters(*tps) if tps else {}
+        for tp in tps:
+            end = ends.get(tp)
+            if end is None:
                 continue
-            end = consumer.highwater(tp)
             committed = consumer._committed_offset.get(tp)  # type: ignore[attr-defined]
-            done = committed if committed is not None else await consumer.position(tp)
-            if end is None or done is None:
-                continue
+            done = acked.get(tp)
+            if committed is None and done is None:  # nothing processed here yet: as far as fetched
+                committed = await consumer.position(tp)
             key = f"{tp.topic}[{tp.partition}]"
-            positions[key] = (done, end)
+            positions[key] = Progress(committed=committed, acked=done, end=end)
             sink = sinks_by_topic.get(tp.topic)
             if sink is not None and sink.retrying:
                 busy.add(key)

@@ -73,3 +73,12 @@ def test_envelope_round_trip():
 def test_origin_headers_round_trip():
     assert read_origin([*origin_headers(ORIGIN), ("other", b"x")]) == ORIGIN
     assert read_origin([("other", b"x")]) is None
+
+
+def test_redriven_and_replayed_records_are_reprocessed():
+    from ingest_stream.core.dlq import reprocessed
+
+    assert reprocessed([("ingest.redrive", b"2:rd-1")])
+    assert reprocessed([("x", b"y"), ("ingest.replay", b"plan-7")])
+    assert not reprocessed([("ingest.origin.topic", b"t"), ("dlq.reason", b"OLDER_REVISION")])
+    assert not reprocessed([])

@@ -1,38 +1,57 @@
-from ingest_stream.core.stall import StallDetector
+from ingest_stream.core.stall import Progress, StallDetector
+
+
+def waiting(committed: int, end: int) -> Progress:
+    return Progress(committed=committed, acked=committed, end=end)
 
 
 def test_waiting_without_progress_past_the_timeout_is_a_stall():
     detector = StallDetector(timeout_s=30)
-    assert detector.observe(0, {"t:0": (10, 50)}) == []
-    assert detector.observe(29, {"t:0": (10, 50)}) == []
-    assert detector.observe(30, {"t:0": (10, 50)}) == ["t:0"]
+    assert detector.observe(0, {"t:0": waiting(10, 50)}) == []
+    assert detector.observe(29, {"t:0": waiting(10, 50)}) == []
+    assert detector.observe(30, {"t:0": waiting(10, 50)}) == ["t:0"]
 
 
 def test_progress_resets_the_clock():
     detector = StallDetector(timeout_s=30)
-    detector.observe(0, {"t:0": (10, 50)})
-    assert detector.observe(25, {"t:0": (11, 50)}) == []
-    assert detector.observe(50, {"t:0": (11, 50)}) == []
-    assert detector.observe(55, {"t:0": (11, 50)}) == ["t:0"]
+    detector.observe(0, {"t:0": waiting(10, 50)})
+    assert detector.observe(25, {"t:0": waiting(11, 50)}) == []
+    assert detector.observe(50, {"t:0": waiting(11, 50)}) == []
+    assert detector.observe(55, {"t:0": waiting(11, 50)}) == ["t:0"]
 
 
 def test_caught_up_is_never_stalled():
     detector = StallDetector(timeout_s=30)
-    detector.observe(0, {"t:0": (50, 50)})
-    assert detector.observe(100, {"t:0": (50, 50)}) == []
-    assert detector.observe(100, {"t:0": (50, 40)}) == []  # a broker under-reporting its end
+    detector.observe(0, {"t:0": waiting(50, 50)})
+    assert detector.observe(100, {"t:0": waiting(50, 50)}) == []
+    assert detector.observe(100, {"t:0": waiting(50, 40)}) == []  # a broker under-reporting its end
+
+
+def test_acked_but_never_committed_is_a_stall():
+    detector = StallDetector(timeout_s=30)
+    stuck = Progress(committed=7, acked=50, end=50)
+    detector.observe(0, {"t:0": stuck})
+    assert detector.observe(31, {"t:0": stuck}) == ["t:0"]
+    first_commit_missing = Progress(committed=None, acked=50, end=50)
+    detector.observe(40, {"t:1": first_commit_missing})
+    assert detector.observe(71, {"t:1": first_commit_missing}) == ["t:1"]
+
+
+def test_nothing_known_yet_but_records_waiting_counts_as_behind():
+    assert Progress(committed=None, acked=None, end=5).behind
+    assert not Progress(committed=None, acked=None, end=0).behind
 
 
 def test_busy_partitions_are_not_stalled():
     detector = StallDetector(timeout_s=30)
-    detector.observe(0, {"t:0": (10, 50)})
-    assert detector.observe(40, {"t:0": (10, 50)}, busy={"t:0"}) == []
-    assert detector.observe(69, {"t:0": (10, 50)}) == []
-    assert detector.observe(70, {"t:0": (10, 50)}) == ["t:0"]
+    detector.observe(0, {"t:0": waiting(10, 50)})
+    assert detector.observe(40, {"t:0": waiting(10, 50)}, busy={"t:0"}) == []
+    assert detector.observe(69, {"t:0": waiting(10, 50)}) == []
+    assert detector.observe(70, {"t:0": waiting(10, 50)}) == ["t:0"]
 
 
 def test_partitions_that_go_away_are_forgotten():
     detector = StallDetector(timeout_s=30)
-    detector.observe(0, {"t:0": (10, 50), "t:1": (0, 5)})
-    detector.observe(10, {"t:1": (0, 5)})
-    assert detector.observe(45, {"t:0": (10, 50), "t:1": (0, 5)}) == ["t:1"]
+    detector.observe(0, {"t:0": waiting(10, 50), "t:1": waiting(0, 5)})
+    detector.observe(10, {"t:1": waiting(0, 5)})
+    assert detector.observe(45, {"t:0": waiting(10, 50), "t:1": waiting(0, 5)}) == ["t:1"]

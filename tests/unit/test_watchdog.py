@@ -16,8 +16,8 @@ class FakeConsumer:
     def assignment(self):
         return set(self.tps)
 
-    def highwater(self, tp):
-        return self.tps[tp][1]
+    async def highwaters(self, *tps):
+        return {tp: self.tps[tp][1] for tp in tps}
 
     async def position(self, tp):
         return self.tps[tp][0]
@@ -30,7 +30,8 @@ def _install(retrying: bool, source_end: int = 50):
     app = SimpleNamespace(consumer=FakeConsumer(source_end), timer=lambda interval: timers.append)
     sink = SimpleNamespace(retrying=retrying)
     check = install_watchdog(app, Settings(stall_timeout_s=30), consumed={"src", "sink"},
-                             sinks_by_topic={"sink": sink}, clock=lambda: now[0], exit_now=exits.append)
+                             sinks_by_topic={"sink": sink}, acked={}, clock=lambda: now[0],
+                             exit_now=exits.append)
     return check, now, exits, timers
 
 
@@ -58,5 +59,20 @@ async def test_the_same_sink_not_retrying_is_stalled():
     check, now, exits, _ = _install(retrying=False, source_end=10)
     await check()
     now[0] = 100
+    await check()
+    assert exits == [STALL_EXIT_CODE]
+
+
+async def test_acked_records_never_committed_make_the_worker_exit():
+    now = [0.0]
+    exits: list[int] = []
+    consumer = FakeConsumer(source_end=10)
+    consumer.tps = {TP("src", 0): (10, 10)}
+    consumer._committed_offset = {TP("src", 0): 4}  # the committer is stuck behind a gap
+    app = SimpleNamespace(consumer=consumer, timer=lambda interval: lambda f: f)
+    check = install_watchdog(app, Settings(stall_timeout_s=30), consumed={"src"}, sinks_by_topic={},
+                             acked={TP("src", 0): 10}, clock=lambda: now[0], exit_now=exits.append)
+    await check()
+    now[0] = 31
     await check()
     assert exits == [STALL_EXIT_CODE]
