@@ -49,7 +49,6 @@ class SourceProcessor:
         self._tables = tables
         self._sink_topics = sink_topics
         self._dead_letters = dead_letters
-        self._metrics = metrics
         self._ttl_ms = settings.dedupe_ttl_s * 1000
         self._outcomes = metrics.records.labels(source, "forwarded")
         self._rejected = metrics.records.labels(source, "rejected")
