@@ -267,6 +267,18 @@ class SinkReader:
                                          "kind": r["kind"], "attributes": json.loads(r["attributes"])}
                 for r in self.run(read())}
 
+    def audit(self, tenants: Sequence[str]) -> list[Any]:
+        """Every write the test's trigger saw for these tenants, in order."""
+        async def read() -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(self._stack.postgres_dsn)
+            try:
+                return await conn.fetch("SELECT * FROM test_audit WHERE tenant = ANY($1::text[]) ORDER BY at",
+                                        list(tenants))
+            finally:
+                await conn.close()
+
+        return list(self.run(read()))
+
     def postgres_overwrites_of_newer(self, tenants: Sequence[str]) -> list[Any]:
         """Audit rows (written by the test's own trigger) where a revision replaced a newer one."""
         async def read() -> list[asyncpg.Record]:

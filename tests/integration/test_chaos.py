@@ -1,13 +1,26 @@
-"""Issue 2: sinks that survive — a sink server stopped mid-run, then brought back."""
+"""Issue 3: sinks that survive — a sink server stopped mid-run, then brought back."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
 
 import pytest
 
 from ingest_stream.ops.devstack import DevStack
 from tests.dataset import Dataset, v2
 from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually
-from tests.integration.test_pipeline import expected_postgres, expected_search, source_topics
+from tests.integration.test_pipeline import (
+    dlq_entries,
+    expected_graph,
+    expected_postgres,
+    expected_search,
+    source_topics,
+)
 
 FAST_RECOVERY = {
     "INGEST_BREAKER_OPEN_S": "2", "INGEST_SINK_RETRY_BASE_S": "0.1", "INGEST_SINK_RETRY_CAP_S": "1",
@@ -23,22 +36,31 @@ def bulk(prefix: str, entities: int = 600, revisions: int = 4) -> Dataset:
     return data
 
 
-@pytest.mark.parametrize("down", ["typesense", "postgres"])
+def sink_states(sinks: SinkReader, data: Dataset) -> dict[str, Any]:
+    """Per sink: a function returning (what the sink holds, what it should hold)."""
+    tenants = data.tenants
+    return {
+        "postgres": lambda: (sinks.postgres(tenants), expected_postgres(data)),
+        "neo4j": lambda: (sinks.graph_nodes(tenants), expected_graph(data)),
+        "typesense": lambda: (sinks.search_documents(tenants), expected_search(data)),
+    }
+
+
+SERVER_OF = {"postgres": "postgres", "neo4j": "graph", "typesense": "typesense"}
+
+
+@pytest.mark.parametrize("down", ["typesense", "postgres", "neo4j"])
 def test_a_sink_down_with_hold_policy_completes_with_no_dlq(
         down: str, stack: DevStack, kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
     data = bulk(prefix)
-    tenants = data.tenants
-    state = {
-        "postgres": lambda: (sinks.postgres(tenants), expected_postgres(data)),
-        "typesense": lambda: (sinks.search_documents(tenants), expected_search(data)),
-    }
+    state = sink_states(sinks, data)
     kafka.create_topics(source_topics(prefix))
     worker: WorkerProcess = make_worker(INGEST_SINK_FAILURE_POLICY="hold", **FAST_RECOVERY)
     worker.start()
     kafka.produce(f"{prefix}.source.kafka", [(m.key, m.value) for m in data.messages[:600]])
     eventually(lambda: _assert_some(state[down]()[0]), timeout_s=60, interval_s=0.1, context=worker.log_tail)
 
-    with stack.server_down(down):
+    with stack.server_down(SERVER_OF[down]):
         kafka.produce(f"{prefix}.source.kafka", [(m.key, m.value) for m in data.messages[600:]])
         eventually(lambda: _assert_circuit(worker, down, 2), timeout_s=60, context=worker.log_tail)
         # The other sinks are not held back by this one's outage.
@@ -53,6 +75,75 @@ def test_a_sink_down_with_hold_policy_completes_with_no_dlq(
     assert worker.metric("ingest_dlq_total") == 0
     if _topic_exists(kafka, f"{prefix}.dlq"):  # independent of the worker's own count
         assert kafka.read_all(f"{prefix}.dlq") == []
+
+
+def test_a_sink_down_with_dlq_policy_dead_letters_its_records_and_a_redrive_completes_it(
+        stack: DevStack, kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
+    data = bulk(prefix)
+    state = sink_states(sinks, data)
+    source = f"{prefix}.source.kafka"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(INGEST_SINK_FAILURE_POLICY="dlq", INGEST_SINK_RETRY_ATTEMPTS="5",
+                                        **FAST_RECOVERY)
+    worker.start()
+    kafka.produce(source, [(m.key, m.value) for m in data.messages[:600]])
+    eventually(lambda: _assert_count(sinks.search_documents(data.tenants), 600), timeout_s=60,
+               interval_s=0.2, context=worker.log_tail)
+
+    with stack.server_down("typesense"):
+        during = kafka.produce(source, [(m.key, m.value) for m in data.messages[600:]])
+        expected = Counter((source, partition, offset, "sink.typesense") for partition, offset in during)
+        # Exactly the records Typesense missed are dead-lettered, for Typesense only.
+        eventually(lambda: _assert_equal(_dlq_positions(kafka, prefix), expected), timeout_s=180,
+                   interval_s=2, context=worker.log_tail)
+        for other in ("postgres", "neo4j"):
+            _assert_equal(*state[other]())
+    reasons = {entry[3] for entry in dlq_entries(kafka, f"{prefix}.dlq")}
+    assert reasons <= {"CONNECTION_ERROR", "CIRCUIT_OPEN", "SINK_TIMEOUT"}, reasons
+    assert worker.metric("ingest_circuit_transitions_total", sink="typesense", state="open") >= 1
+    postgres_writes = len(sinks.audit(data.tenants))
+
+    summary = dlqtriage(worker, "summary", "--tenant", data.tenants[0], "--json")
+    assert summary["total"] == len(expected)
+    assert {g["stage"] for g in summary["groups"]} == {"sink.typesense"}
+    assert summary["retryable_share"] == 1.0
+    dry = dlqtriage(worker, "redrive", "--tenant", data.tenants[0], "--dry-run", "--json")
+    assert dry["sent"] == len(expected)
+    assert dlqtriage(worker, "summary", "--json")["total"] == len(expected)  # the dry run changed nothing
+
+    done = dlqtriage(worker, "redrive", "--tenant", data.tenants[0],
+                     "--reason", "CONNECTION_ERROR,CIRCUIT_OPEN,SINK_TIMEOUT", "--json")
+    assert done["sent_by_topic"] == {f"{prefix}.sink.typesense": len(expected)}
+    eventually(lambda: _assert_equal(*state["typesense"]()), timeout_s=120, context=worker.log_tail)
+    eventually(lambda: _assert_circuit(worker, "typesense", 0), timeout_s=30)
+    assert worker.metric("ingest_circuit_transitions_total", sink="typesense", state="closed") >= 1
+    # The redrive went to Typesense only: no sink was written again, nothing came back to the DLQ.
+    assert len(sinks.audit(data.tenants)) == postgres_writes
+    assert _dlq_positions(kafka, prefix) == expected
+    # Running it again sends nothing: each dead letter is redriven once.
+    assert dlqtriage(worker, "redrive", "--tenant", data.tenants[0], "--json")["sent"] == 0
+    assert dlqtriage(worker, "summary", "--json", "--status", "redriven")["total"] == len(expected)
+
+
+def dlqtriage(worker: WorkerProcess, *args: str) -> Any:
+    """The operator's command, as a separate process with the worker's environment."""
+    done = subprocess.run([sys.executable, "-m", "ingest_stream.ops.dlqtriage", *args],
+                          env={**os.environ, **worker.env}, capture_output=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    return json.loads(done.stdout)
+
+
+def _dlq_positions(kafka: Kafka, prefix: str) -> Counter[tuple[str, int, int, str]]:
+    """How many dead letters each (origin topic, partition, offset, stage) has."""
+    found: Counter[tuple[str, int, int, str]] = Counter()
+    for (topic, partition, offset, _reason, stage), count in dlq_entries(kafka, f"{prefix}.dlq").items():
+        found[(topic, partition, offset, stage)] += count
+    return found
+
+
+def _assert_count(found: dict[object, object], count: int) -> None:
+    assert len(found) == count
 
 
 def _topic_exists(kafka: Kafka, topic: str) -> bool:

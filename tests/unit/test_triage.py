@@ -1,0 +1,97 @@
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ingest_stream.core.dlq import DlqEnvelope, Position, failure_headers, header_value
+from ingest_stream.core.reasons import Reason, Stage
+from ingest_stream.core.triage import (
+    DeadLetter,
+    Selection,
+    Status,
+    StatusEntry,
+    Verdict,
+    fold_statuses,
+    redrive_message,
+    redrive_verdict,
+)
+
+WHEN = datetime(2026, 1, 10, tzinfo=UTC)
+SOURCE = Position("ingest.source.kafka", 1, 40)
+
+
+def letter(reason=Reason.CONNECTION_ERROR, stage=Stage.SINK_TYPESENSE, *, tenant="acme-corp",
+           extra=(), failed_at=WHEN, offset=7) -> DeadLetter:
+    failed = Position(f"ingest.sink.{stage.sink}", 2, 90) if stage.sink else None
+    headers = failure_headers(
+        [("traceparent", b"00-1"), ("ingest.origin.topic", b"ingest.source.kafka"), *extra],
+        reason=reason, stage=stage, error="boom", attempts=3, origin=SOURCE, failed=failed,
+        failed_at=failed_at, identity={"tenant": tenant, "source": "kafka", "id": "doc-1"})
+    return DeadLetter(0, offset, b"acme-corp:doc-1", b'{"id": "doc-1"}', tuple(headers),
+                      DlqEnvelope.from_headers(headers))
+
+
+def test_a_sink_failure_is_redriven_to_that_sink_only_with_lineage_headers():
+    out = redrive_message(letter(), "rd-1")
+    assert out.topic == "ingest.sink.typesense"
+    assert (out.key, out.value) == (b"acme-corp:doc-1", b'{"id": "doc-1"}')
+    assert not any(k.startswith("dlq.") for k, _ in out.headers)
+    assert header_value(out.headers, "traceparent") == "00-1"
+    assert header_value(out.headers, "ingest.origin.topic") == "ingest.source.kafka"
+    assert header_value(out.headers, "ingest.redrive") == "1"
+    assert header_value(out.headers, "ingest.redrive.id") == "rd-1"
+
+
+def test_a_processing_failure_is_redriven_to_its_source_topic():
+    out = redrive_message(letter(Reason.VALIDATION_FAIL, Stage.VALIDATE), "rd-1")
+    assert out.topic == "ingest.source.kafka"
+
+
+def test_the_redrive_count_grows_and_replaces_the_previous_lineage():
+    again = letter(extra=[("ingest.redrive", b"2"), ("ingest.redrive.id", b"rd-0")])
+    assert again.redrives == 2
+    out = redrive_message(again, "rd-9")
+    assert [v for k, v in out.headers if k == "ingest.redrive"] == [b"3"]
+    assert [v for k, v in out.headers if k == "ingest.redrive.id"] == [b"rd-9"]
+
+
+@pytest.mark.parametrize(("reason", "force", "redrives", "verdict"), [
+    (Reason.CONNECTION_ERROR, False, 0, Verdict.SEND),
+    (Reason.CIRCUIT_OPEN, False, 2, Verdict.SEND),
+    (Reason.CONSTRAINT_VIOLATION, False, 0, Verdict.NOT_RETRYABLE),
+    (Reason.CONSTRAINT_VIOLATION, True, 0, Verdict.SEND),
+    (Reason.CONNECTION_ERROR, False, 3, Verdict.PARK),
+    (Reason.CONSTRAINT_VIOLATION, True, 3, Verdict.PARK),
+])
+def test_redrive_verdict(reason, force, redrives, verdict):
+    extra = [("ingest.redrive", str(redrives).encode())] if redrives else []
+    assert redrive_verdict(letter(reason, extra=extra), force=force, max_redrives=3) is verdict
+
+
+def test_selection_filters_on_every_field():
+    a = letter()
+    assert Selection().matches(a, Status.OPEN)
+    assert not Selection().matches(a, Status.REDRIVEN)  # open ones by default
+    assert Selection(statuses=frozenset()).matches(a, Status.REDRIVEN)
+    assert Selection(tenant="acme-corp").matches(a, Status.OPEN)
+    assert not Selection(tenant="other").matches(a, Status.OPEN)
+    retryable = frozenset({Reason.CONNECTION_ERROR, Reason.CIRCUIT_OPEN})
+    assert Selection(reasons=retryable).matches(a, Status.OPEN)
+    assert not Selection(reasons=frozenset({Reason.SCHEMA_DRIFT})).matches(a, Status.OPEN)
+    assert Selection(stage=Stage.SINK_TYPESENSE).matches(a, Status.OPEN)
+    assert not Selection(stage=Stage.SINK_POSTGRES).matches(a, Status.OPEN)
+    assert Selection(record_id="doc-1").matches(a, Status.OPEN)
+    assert not Selection(record_id="doc-2").matches(a, Status.OPEN)
+    assert Selection(failed_before=WHEN + timedelta(seconds=1)).matches(a, Status.OPEN)
+    assert not Selection(failed_before=WHEN).matches(a, Status.OPEN)
+    assert Selection(failed_after=WHEN).matches(a, Status.OPEN)
+    assert not Selection(failed_after=WHEN + timedelta(days=1)).matches(a, Status.OPEN)
+
+
+def test_statuses_fold_to_the_latest_per_letter_and_tombstones_clear():
+    entries = [
+        (b"0:1", StatusEntry(Status.REDRIVEN, "2026-01-01T00:00:00Z", "rd-1").encode()),
+        (b"0:2", StatusEntry(Status.PARKED, "2026-01-01T00:00:00Z", note="x").encode()),
+        (b"0:1", StatusEntry(Status.PURGED, "2026-01-02T00:00:00Z").encode()),
+        (b"0:2", None),
+    ]
+    assert fold_statuses(entries) == {"0:1": StatusEntry(Status.PURGED, "2026-01-02T00:00:00Z")}
