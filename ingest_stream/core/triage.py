@@ -42,6 +42,14 @@ class DeadLetter:
         return f"{self.partition}:{self.offset}"
 
     @property
+    def failure(self) -> tuple[object, ...]:
+        """What failed where: equal for the copies a crash-and-redeliver publishes twice, different
+        for the same record failing again after a redrive (its redrive count differs)."""
+        e = self.envelope
+        return (e.origin.topic, e.origin.partition, e.origin.offset, e.stage.value,
+                e.failed and (e.failed.topic, e.failed.partition, e.failed.offset), self.redrives)
+
+    @property
     def redrives(self) -> int:
         """How many times this record had been redriven before it failed this time."""
         raw = header_value(self.headers, REDRIVE_HEADER)

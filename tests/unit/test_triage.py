@@ -95,3 +95,11 @@ def test_statuses_fold_to_the_latest_per_letter_and_tombstones_clear():
         (b"0:2", None),
     ]
     assert fold_statuses(entries) == {"0:1": StatusEntry(Status.PURGED, "2026-01-02T00:00:00Z")}
+
+
+def test_a_republished_copy_is_the_same_failure_and_a_failure_after_a_redrive_is_not():
+    first = letter(offset=7)
+    copy = letter(offset=8)  # the same headers, published again after a restart
+    after_redrive = letter(offset=9, extra=[("ingest.redrive", b"1")])
+    assert first.failure == copy.failure
+    assert after_redrive.failure != first.failure
