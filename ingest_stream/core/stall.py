@@ -31,16 +31,22 @@ class Progress:
 class StallDetector:
     timeout_s: float
     _since: dict[str, tuple[tuple[int | None, int | None], float]] = field(default_factory=dict)
+    waiting: dict[str, float] = field(default_factory=dict)  # behind, not busy: seconds without progress
 
     def observe(self, now: float, progress: Mapping[str, Progress], busy: Collection[str] = ()) -> list[str]:
         """The keys stalled at `now`: behind, not busy, and no progress for `timeout_s`."""
         stalled: list[str] = []
+        self.waiting = {}
         for key, state in progress.items():
             signature = (state.committed, state.acked)
             previous = self._since.get(key)
             if not state.behind or key in busy or previous is None or previous[0] != signature:
                 self._since[key] = (signature, now)
-            elif now - previous[1] >= self.timeout_s:
+                if state.behind and key not in busy:
+                    self.waiting[key] = 0.0
+                continue
+            self.waiting[key] = now - previous[1]
+            if now - previous[1] >= self.timeout_s:
                 stalled.append(key)
         for gone in set(self._since) - set(progress):
             del self._since[gone]

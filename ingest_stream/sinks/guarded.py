@@ -11,11 +11,13 @@ import random as random_module
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from ingest_stream.core.backoff import BackoffPolicy
 from ingest_stream.core.breaker import CircuitBreaker, CircuitState
 from ingest_stream.core.reasons import Reason
 from ingest_stream.core.revision import plan_batch
+from ingest_stream.core.timefmt import format_rfc3339
 from ingest_stream.errors import SinkError
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Sink, Write
@@ -72,6 +74,9 @@ class GuardedSink:
         metrics.circuit_state.labels(self.name).set(CircuitState.CLOSED)
         self._opened = False
         self.retrying = False  # waiting out a failing sink: busy, not stalled
+        self.consecutive_failures = 0
+        self.last_error: SinkError | None = None
+        self.last_error_at: float | None = None  # time.time()
 
     async def apply(self, writes: Sequence[Write]) -> BatchOutcome:
         try:
@@ -116,14 +121,29 @@ class GuardedSink:
             error = exc
         else:
             self.breaker.record_success(self._clock())
+            self.consecutive_failures = 0
             self._report_state()
             return outcome
+        self.last_error, self.last_error_at = error, time.time()
         if error.retryable:  # a refused record says the sink is up; only outages count
+            self.consecutive_failures += 1
             self.breaker.record_failure(self._clock())
         else:
             self.breaker.record_success(self._clock())
         self._report_state()
         return error
+
+    def health(self) -> dict[str, object]:
+        """For /health/detailed: circuit, failures, last error."""
+        return {
+            "circuit": self.breaker.state(self._clock()).label,
+            "failure_policy": self._failure_policy,
+            "consecutive_failures": self.consecutive_failures,
+            "retrying": self.retrying,
+            "last_error": None if self.last_error is None else {
+                "reason": self.last_error.reason.value, "error": str(self.last_error)[:300],
+                "at": format_rfc3339(datetime.fromtimestamp(self.last_error_at or 0, UTC))},
+        }
 
     def _report_state(self) -> None:
         state = self.breaker.state(self._clock())

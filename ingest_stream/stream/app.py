@@ -19,6 +19,7 @@ from ingest_stream.config import SOURCES, Settings
 from ingest_stream.core.backoff import BackoffPolicy
 from ingest_stream.core.breaker import BreakerPolicy, CircuitBreaker
 from ingest_stream.core.schemas import RecordValidator
+from ingest_stream.core.stall import StallDetector
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Sink
 from ingest_stream.sinks.guarded import GuardedSink
@@ -41,6 +42,7 @@ class Pipeline:
     metrics: Metrics
     topics: Topics
     sinks: dict[str, GuardedSink]
+    stalls: StallDetector
 
 
 def build_sink(name: str, settings: Settings) -> Sink:
@@ -107,7 +109,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
                           timeout_s=settings.sink_timeout_s, breaker=CircuitBreaker(breaker_policy))
         for name in settings.sinks
     }
-    app.pipeline = Pipeline(settings, metrics, topics, sinks)  # type: ignore[attr-defined]
+    pipeline = Pipeline(settings, metrics, topics, sinks, StallDetector(settings.stall_timeout_s))
+    app.pipeline = pipeline  # type: ignore[attr-defined]
 
     acked: dict[Any, int] = {}  # TP -> one past the highest offset an agent acked (for the watchdog)
     produced = [t.get_topic_name() for t in (*topics.sinks.values(), topics.dlq)] + [
@@ -130,8 +133,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     install_watchdog(
         app, settings, acked=acked,
         consumed={t.get_topic_name() for t in (*topics.sources.values(), *topics.sinks.values())},
-        sinks_by_topic={topics.sinks[name].get_topic_name(): sink for name, sink in sinks.items()})
-    _views(app, metrics)
+        sinks_by_topic={topics.sinks[name].get_topic_name(): sink for name, sink in sinks.items()},
+        detector=pipeline.stalls)
+    _views(app, pipeline)
     return app
 
 
@@ -184,14 +188,41 @@ def _eviction_timer(
     app.timer(settings.dedupe_evict_interval_s)(evict)
 
 
-def _views(app: faust.App, metrics: Metrics) -> None:
+def _views(app: faust.App, pipeline: Pipeline) -> None:
     @app.page("/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
             return self.json({"status": "ok"})
 
+    @app.page("/health/detailed")
+    class HealthDetailed(View):
+        async def get(self, request: Request) -> Response:
+            return self.json(detailed_health(pipeline))
+
     @app.page("/metrics")
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
-            return self.bytes(generate_latest(metrics.registry),
+            return self.bytes(generate_latest(pipeline.metrics.registry),
                               content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+
+def detailed_health(pipeline: Pipeline) -> dict[str, Any]:
+    """What an operator needs at a glance: each sink's circuit and last error, partitions waiting
+    without progress (the watchdog restarts the worker at `stall_timeout_s`), dead letters."""
+    sinks = {name: sink.health() for name, sink in pipeline.sinks.items()}
+    timeout_s = pipeline.settings.stall_timeout_s
+    waiting = {key: round(seconds, 1) for key, seconds in pipeline.stalls.waiting.items()}
+    dlq: dict[str, float] = {}
+    for metric in pipeline.metrics.dlq.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                reason = sample.labels["reason"]
+                dlq[reason] = dlq.get(reason, 0) + sample.value
+    degraded = any(s["circuit"] != "closed" for s in sinks.values()) or any(
+        seconds >= timeout_s / 2 for seconds in waiting.values())
+    return {
+        "status": "degraded" if degraded else "ok",
+        "sinks": sinks,
+        "stalls": {"timeout_s": timeout_s, "waiting_without_progress_s": waiting},
+        "dlq": {"since_start_by_reason": {k: int(v) for k, v in sorted(dlq.items())}},
+    }

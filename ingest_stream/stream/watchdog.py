@@ -26,10 +26,12 @@ STALL_EXIT_CODE = 70  # EX_SOFTWARE
 
 def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
                      sinks_by_topic: Mapping[str, GuardedSink], acked: Mapping[Any, int],
+                     detector: StallDetector | None = None,
                      clock: Callable[[], float] = time.monotonic,
                      exit_now: Callable[[int], object] = os._exit) -> Callable[[], Awaitable[None]]:
-    """Register the watchdog timer; returns the check itself (tests call it directly)."""
-    detector = StallDetector(settings.stall_timeout_s)
+    """Register the watchdog timer; returns the check itself (tests call it directly). The
+    detector's `waiting` is what /health/detailed reports."""
+    detector = detector or StallDetector(settings.stall_timeout_s)
 
     async def watch_for_stalls() -> None:
         consumer = app.consumer

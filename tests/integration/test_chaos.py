@@ -69,6 +69,11 @@ def test_a_sink_down_with_hold_policy_completes_with_no_dlq(
     with stack.server_down(SERVER_OF[down]):
         kafka.produce(f"{prefix}.source.kafka", [(m.key, m.value) for m in data.messages[600:]])
         eventually(lambda: _assert_circuit(worker, down, 2), timeout_s=60, context=worker.log_tail)
+        health = worker.get_json("/health/detailed")
+        assert health["status"] == "degraded"
+        assert health["sinks"][down]["circuit"] in ("open", "half-open")
+        assert health["sinks"][down]["last_error"]["reason"] in ("CONNECTION_ERROR", "CIRCUIT_OPEN",
+                                                                 "SINK_TIMEOUT")
         # The other sinks are not held back by this one's outage.
         for other in set(state) - {down}:
             eventually(lambda other=other: _assert_equal(*state[other]()), timeout_s=120,
@@ -76,6 +81,7 @@ def test_a_sink_down_with_hold_policy_completes_with_no_dlq(
 
     eventually(lambda: _assert_equal(*state[down]()), timeout_s=120, context=worker.log_tail)
     eventually(lambda: _assert_circuit(worker, down, 0), timeout_s=30)
+    assert worker.get_json("/health/detailed")["sinks"][down]["circuit"] == "closed"
     assert worker.metric("ingest_circuit_transitions_total", sink=down, state="open") >= 1
     assert worker.metric("ingest_circuit_transitions_total", sink=down, state="closed") >= 1
     assert worker.metric("ingest_dlq_total") == 0

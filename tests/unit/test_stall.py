@@ -55,3 +55,12 @@ def test_partitions_that_go_away_are_forgotten():
     detector.observe(0, {"t:0": waiting(10, 50), "t:1": waiting(0, 5)})
     detector.observe(10, {"t:1": waiting(0, 5)})
     assert detector.observe(45, {"t:0": waiting(10, 50), "t:1": waiting(0, 5)}) == ["t:1"]
+
+
+def test_waiting_reports_how_long_each_behind_partition_went_without_progress():
+    detector = StallDetector(timeout_s=30)
+    detector.observe(0, {"t:0": waiting(10, 50), "t:1": waiting(5, 5), "t:2": waiting(1, 9)})
+    detector.observe(12, {"t:0": waiting(10, 50), "t:1": waiting(5, 5), "t:2": waiting(1, 9)}, busy={"t:2"})
+    assert detector.waiting == {"t:0": 12}
+    detector.observe(20, {"t:0": waiting(11, 50)})
+    assert detector.waiting == {"t:0": 0.0}
