@@ -26,7 +26,10 @@ RULES: dict[str, Sequence[Rule]] = {
         ((TimeoutError, asyncpg.QueryCanceledError), Reason.SINK_TIMEOUT),
         ((asyncpg.TooManyConnectionsError,), Reason.RATE_LIMITED),
         ((asyncpg.IntegrityConstraintViolationError, asyncpg.DataError), Reason.CONSTRAINT_VIOLATION),
-        ((OSError, asyncpg.PostgresError, asyncpg.InterfaceError), Reason.CONNECTION_ERROR),
+        # InternalClientError: the protocol state broke mid-operation, seen when the server shut
+        # down during a query; asyncpg terminates that connection ("most likely an IO error").
+        ((OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError),
+         Reason.CONNECTION_ERROR),
     ),
     "neo4j": (
         ((TimeoutError, neo4j_errors.TransientError), Reason.SINK_TIMEOUT),

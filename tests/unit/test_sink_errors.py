@@ -20,6 +20,7 @@ CASES = [
     ("postgres", ConnectionRefusedError(111, "refused"), Reason.CONNECTION_ERROR),
     ("postgres", asyncpg.ConnectionDoesNotExistError("closed"), Reason.CONNECTION_ERROR),
     ("postgres", asyncpg.AdminShutdownError("terminating"), Reason.CONNECTION_ERROR),
+    ("postgres", asyncpg.InternalClientError("cannot switch to state 15"), Reason.CONNECTION_ERROR),
     ("neo4j", neo4j_errors.ServiceUnavailable("down"), Reason.CONNECTION_ERROR),
     ("neo4j", neo4j_errors.SessionExpired("gone"), Reason.CONNECTION_ERROR),
     ("neo4j", neo4j_errors.ConstraintError("unique"), Reason.CONSTRAINT_VIOLATION),
