@@ -14,7 +14,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-setup: $(STAMP)  ## create .venv with the package, the embedded servers and the test tools
+# promtool (checks /metrics, alert rules, dashboards' PromQL) from Debian's prometheus package,
+# unpacked into the venv: no root, no service installed or started.
+$(VENV)/bin/promtool: | $(STAMP)
+	tmp=$$(mktemp -d) && cd $$tmp && \
+	  (apt-get download prometheus >/dev/null 2>&1 || (apt-get update -qq && apt-get download prometheus)) && \
+	  dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$(VENV)/bin/promtool && \
+	  cd / && rm -rf $$tmp
+
+setup: $(STAMP) $(VENV)/bin/promtool  ## create .venv: the package, embedded servers, test tools, promtool
 
 dev: setup  ## run the whole pipeline on embedded servers (Ctrl-C stops everything)
 	$(VENV)/bin/ingest-stream dev

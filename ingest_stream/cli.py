@@ -1,4 +1,4 @@
-"""`ingest-stream`: worker | dev | produce."""
+"""`ingest-stream`: worker | dev | produce | lag."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     prod.add_argument("--synthetic", type=int, metavar="N", help="send N synthetic valid records")
     prod.add_argument("--source", default="kafka", help="source topic suffix (kafka, webhook, ...)")
     prod.add_argument("--rate", type=float, help="records per second (default: as fast as possible)")
+    lag = commands.add_parser("lag", help="consumer-group lag: committed, end, records and seconds behind")
+    lag.add_argument("--group", help="consumer group (default: INGEST_APP_ID, the worker's)")
+    lag.add_argument("--topic", action="append", default=[],
+                     help="topic to report (repeatable; default: every topic the worker consumes)")
+    lag.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
 
     if args.command == "worker":
@@ -30,7 +35,47 @@ def main(argv: list[str] | None = None) -> int:
         from ingest_stream.ops.dev import run_dev
 
         return run_dev(args.root, demo_rate=args.demo_rate)
+    if args.command == "lag":
+        return run_lag(args)
     return run_produce(args, parser)
+
+
+def run_lag(args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
+    from ingest_stream.config import SOURCES, Settings
+    from ingest_stream.ops.lag import LagProbe
+    from ingest_stream.ops.output import format_table, write_json
+
+    settings = Settings.from_env()
+    group = args.group or settings.app_id
+    topics = args.topic or [settings.source_topic(s) for s in SOURCES] + [
+        settings.sink_topic(s) for s in settings.sinks]
+
+    async def measure() -> list:  # type: ignore[type-arg]
+        probe = LagProbe(settings.kafka_bootstrap, group)
+        await probe.start()
+        try:
+            return await probe.measure(topics)
+        finally:
+            await probe.stop()
+
+    try:
+        rows = asyncio.run(measure())
+    except (KafkaError, OSError) as error:
+        print(f"ingest-stream lag: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        write_json([{"group": group, "topic": r.topic, "partition": r.partition, "committed": r.committed,
+                     "end": r.end, "lag": r.records, "lag_seconds": round(r.seconds, 3)} for r in rows],
+                   sys.stdout)
+        return 0
+    print(format_table(("GROUP", "TOPIC", "PARTITION", "COMMITTED", "END", "LAG", "LAG_S"),
+                       [(group, r.topic, r.partition, "-" if r.committed is None else r.committed, r.end,
+                         r.records, f"{r.seconds:.1f}") for r in rows]))
+    total = sum(r.records for r in rows)
+    print(f"total lag {total} record(s); oldest waiting {max((r.seconds for r in rows), default=0):.1f}s")
+    return 0
 
 
 def run_worker() -> int:

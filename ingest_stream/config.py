@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from ingest_stream.core.backpressure import Thresholds
 from ingest_stream.errors import ConfigError
 
 KNOWN_SINKS = ("postgres", "neo4j", "typesense")
@@ -63,6 +64,18 @@ class Settings:
     breaker_open_s: float = 30.0  # open → half-open
     stall_timeout_s: float = 300.0  # records waiting, no progress this long: the worker exits (70)
     stall_check_interval_s: float = 10.0
+    # Backpressure (core/backpressure.py): lag of the worker's consumed topics, checked every
+    # interval; thresholds in seconds (now - timestamp of the first unprocessed record) or records.
+    lag_check_interval_s: float = 5.0
+    throttle_lag_s: float = 30.0
+    brownout_lag_s: float = 120.0
+    throttle_lag_records: int = 100_000
+    brownout_lag_records: int = 1_000_000
+    backpressure_exit_ratio: float = 0.5
+    backpressure_cool_down_s: float = 30.0
+    throttle_rate: float = 1000.0  # source records per second while throttled
+    brownout_rate: float = 0.1  # share of low-priority records kept in an automatic brownout
+    disabled_sources: tuple[str, ...] = ()  # isolated at start; /admin/sources/<s>/enable undoes it
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -71,6 +84,14 @@ class Settings:
             raise ConfigError(f"INGEST_SINKS: unknown sink(s) {sorted(unknown)}; known: {KNOWN_SINKS}")
         if self.sink_failure_policy not in FAILURE_POLICIES:
             raise ConfigError(f"INGEST_SINK_FAILURE_POLICY must be one of {FAILURE_POLICIES}")
+        if set(self.disabled_sources) - set(SOURCES):
+            raise ConfigError(f"INGEST_DISABLED_SOURCES: unknown source(s); known: {SOURCES}")
+        try:
+            self.backpressure_thresholds()
+        except ValueError as error:
+            raise ConfigError(f"INGEST_*_LAG_* / INGEST_BROWNOUT_RATE: {error}") from None
+        if self.throttle_rate <= 0:
+            raise ConfigError("INGEST_THROTTLE_RATE must be positive")
         if self.partitions < 1 or self.max_record_bytes < 1:
             raise ConfigError("INGEST_PARTITIONS and INGEST_MAX_RECORD_BYTES must be positive")
 
@@ -86,6 +107,13 @@ class Settings:
                 continue
             values[item.name] = _parse(item.name, raw, hints[item.name])
         return cls(**values)
+
+    def backpressure_thresholds(self) -> Thresholds:
+        return Thresholds(
+            throttle_lag_s=self.throttle_lag_s, brownout_lag_s=self.brownout_lag_s,
+            throttle_lag_records=self.throttle_lag_records, brownout_lag_records=self.brownout_lag_records,
+            exit_ratio=self.backpressure_exit_ratio, cool_down_s=self.backpressure_cool_down_s,
+            brownout_rate=self.brownout_rate)
 
     # --- topic names (contract §3) ---------------------------------------------------------
     def source_topic(self, source: str) -> str:

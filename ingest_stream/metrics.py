@@ -44,3 +44,19 @@ class Metrics:
         self.circuit_transitions = Counter(
             "ingest_circuit_transitions_total", "Circuit breaker state changes, by the state entered.",
             ["sink", "state"], registry=r)
+        self.consumer_lag_records = Gauge(
+            "ingest_consumer_lag_records", "Records not yet committed by the worker's consumer group.",
+            ["topic", "partition"], registry=r)
+        self.consumer_lag_seconds = Gauge(
+            "ingest_consumer_lag_seconds",
+            "Now minus the timestamp of the first uncommitted record (0 when caught up).",
+            ["topic", "partition"], registry=r)
+        self.backpressure_state = Gauge(
+            "ingest_backpressure_state",
+            "0 normal, 1 throttled, 2 brownout, 3 drain, 4 paused.", registry=r)
+        self.brownout_dropped = Counter(
+            "ingest_brownout_dropped_total", "Low-priority records dropped in brownout.",
+            ["source"], registry=r)
+        self.last_sink_commit = Gauge(
+            "ingest_last_sink_commit_timestamp_seconds", "When a sink last committed a batch.",
+            ["sink"], registry=r)

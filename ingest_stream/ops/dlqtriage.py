@@ -15,12 +15,11 @@ import secrets
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
-import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
@@ -41,6 +40,7 @@ from ingest_stream.core.triage import (
     redrive_verdict,
 )
 from ingest_stream.ops.kafka_io import ToolError, ensure_topic, scan
+from ingest_stream.ops.output import format_table, write_json
 
 log = logging.getLogger(__name__)
 MARK_EVERY = 500  # dead letters sent between status checkpoints
@@ -277,13 +277,6 @@ def selection_from(args: argparse.Namespace, now: datetime) -> Selection:
     )
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in cells)
-
-
 def _progress_printer(stream: TextIO) -> Callable[[RedriveReport], None]:
     started = time.monotonic()
 
@@ -303,7 +296,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
     if args.command == "summary":
         result = await summary(store, selection)
         if args.json:
-            out.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+            write_json(result, out)
             return 0
         print(f"{result['total']} dead letter(s) in {result['topic']} "
               f"({', '.join(f'{n} {s}' for s, n in result['by_status'].items()) or 'none selected'}); "
@@ -322,7 +315,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
     if args.command == "sample":
         letters = await sample(store, selection, limit=args.limit, full=args.full)
         if args.json:
-            out.write(orjson.dumps(letters, option=orjson.OPT_INDENT_2).decode() + "\n")
+            write_json(letters, out)
             return 0
         for letter in letters:
             print(f"--- {letter['id']} [{letter['status']}] key={letter['key']}", file=out)
@@ -337,7 +330,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
                            rate=args.rate, max_redrives=args.max_redrives, progress=show)
     result = report.as_dict()
     if args.json:
-        out.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+        write_json(result, out)
     else:
         verb = "would send" if report.dry_run else "sent"
         print(f"\n{report.redrive_id}: {verb} {result['sent']}, parked {report.parked}, "

@@ -23,6 +23,8 @@ from ingest_stream.core.stall import StallDetector
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Sink
 from ingest_stream.sinks.guarded import GuardedSink
+from ingest_stream.stream.admin import install_admin_routes
+from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.dlq import DeadLetters
 from ingest_stream.stream.sink_agent import SinkProcessor
 from ingest_stream.stream.source_agent import SourceProcessor
@@ -43,6 +45,7 @@ class Pipeline:
     topics: Topics
     sinks: dict[str, GuardedSink]
     stalls: StallDetector
+    backpressure: BackpressureController
 
 
 def build_sink(name: str, settings: Settings) -> Sink:
@@ -109,7 +112,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
                           timeout_s=settings.sink_timeout_s, breaker=CircuitBreaker(breaker_policy))
         for name in settings.sinks
     }
-    pipeline = Pipeline(settings, metrics, topics, sinks, StallDetector(settings.stall_timeout_s))
+    backpressure = BackpressureController(app, settings, metrics)
+    stalls = StallDetector(settings.stall_timeout_s)
+    pipeline = Pipeline(settings, metrics, topics, sinks, stalls, backpressure)
     app.pipeline = pipeline  # type: ignore[attr-defined]
 
     acked: dict[Any, int] = {}  # TP -> one past the highest offset an agent acked (for the watchdog)
@@ -119,14 +124,15 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     for source in SOURCES:
         processor = SourceProcessor(
             source, app=app, settings=settings, validator=validator, tables=tables[source],
-            sink_topics=list(topics.sinks.values()), dead_letters=dead_letters, metrics=metrics)
+            sink_topics=list(topics.sinks.values()), dead_letters=dead_letters, metrics=metrics,
+            gate=backpressure)
         _agent(app, f"process-{source}", topics.sources[source], processor.process,
                settings.source_batch_size, settings.batch_within_s, produced, acked)
         _eviction_timer(app, settings, source, tables[source].dedupe, metrics)
 
     for name, guarded in sinks.items():
         sink_processor = SinkProcessor(guarded, validator=validator, dead_letters=dead_letters,
-                                       metrics=metrics)
+                                       metrics=metrics, gate=backpressure)
         _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.process,
                settings.sink_batch_size, settings.batch_within_s, produced, acked)
 
@@ -134,8 +140,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         app, settings, acked=acked,
         consumed={t.get_topic_name() for t in (*topics.sources.values(), *topics.sinks.values())},
         sinks_by_topic={topics.sinks[name].get_topic_name(): sink for name, sink in sinks.items()},
-        detector=pipeline.stalls)
+        detector=pipeline.stalls, held=backpressure.held_topics)
+    _backpressure_timer(app, settings, backpressure)
     _views(app, pipeline)
+    install_admin_routes(app, settings, backpressure)
     return app
 
 
@@ -188,6 +196,25 @@ def _eviction_timer(
     app.timer(settings.dedupe_evict_interval_s)(evict)
 
 
+def _backpressure_timer(app: faust.App, settings: Settings, controller: BackpressureController) -> None:
+    async def measure_lag_and_apply_backpressure() -> None:
+        try:
+            await controller.tick()
+        except Exception:  # a failed measurement must not end the timer; the next one may work
+            log.warning("lag measurement failed; backpressure state kept", exc_info=True)
+
+    app.timer(settings.lag_check_interval_s)(measure_lag_and_apply_backpressure)
+
+    @app.on_partitions_assigned.connect
+    async def hold_what_is_held(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        controller.guard_resumes()
+        controller.apply()
+
+    @app.on_before_shutdown.connect
+    async def stop_lag_probe(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await controller.stop()
+
+
 def _views(app: faust.App, pipeline: Pipeline) -> None:
     @app.page("/health")
     class Health(View):
@@ -220,8 +247,12 @@ def detailed_health(pipeline: Pipeline) -> dict[str, Any]:
                 dlq[reason] = dlq.get(reason, 0) + sample.value
     degraded = any(s["circuit"] != "closed" for s in sinks.values()) or any(
         seconds >= timeout_s / 2 for seconds in waiting.values())
+    backpressure = pipeline.backpressure.status()
+    degraded = degraded or backpressure["state"] != "normal"
     return {
         "status": "degraded" if degraded else "ok",
+        "adapters": pipeline.backpressure.adapters(),
+        "backpressure": backpressure,
         "sinks": sinks,
         "stalls": {"timeout_s": timeout_s, "waiting_without_progress_s": waiting},
         "dlq": {"since_start_by_reason": {k: int(v) for k, v in sorted(dlq.items())}},

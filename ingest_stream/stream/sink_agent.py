@@ -22,6 +22,7 @@ from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Write
 from ingest_stream.sinks.guarded import GuardedSink
+from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.dlq import DeadLetters, headers_of
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,16 @@ log = logging.getLogger(__name__)
 
 class SinkProcessor:
     def __init__(self, sink: GuardedSink, *, validator: RecordValidator, dead_letters: DeadLetters,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, gate: BackpressureController) -> None:
         self.sink = sink
+        self._gate = gate
         self._validator = validator
         self.stage = Stage.for_sink(sink.name)
         self._dead_letters = dead_letters
         self._metrics = metrics
 
     async def process(self, events: Sequence[EventT[Any]]) -> None:
+        await self._gate.pace(len(events), source=False)
         started = time.monotonic()
         deliveries: list[Awaitable[object]] = []
         writes: list[Write] = []
@@ -78,6 +81,8 @@ class SinkProcessor:
             if items:
                 records.labels(self.sink.name, decision).inc(len(items))
         self._metrics.sink_batch.labels(self.sink.name).observe(time.monotonic() - started)
+        if outcome.applied:
+            self._metrics.last_sink_commit.labels(self.sink.name).set(time.time())
 
 
 def _identity(write: Write) -> dict[str, str]:

@@ -24,6 +24,7 @@ from ingest_stream.core.record import encode, entity_key
 from ingest_stream.core.schemas import RecordValidator, Rejected
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
+from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.dlq import DeadLetters, headers_of, position_of
 from ingest_stream.stream.tables import SourceTables, make_current
 
@@ -42,8 +43,10 @@ class SourceProcessor:
         sink_topics: Sequence[faust.TopicT],
         dead_letters: DeadLetters,
         metrics: Metrics,
+        gate: BackpressureController,
     ) -> None:
         self.source = source
+        self._gate = gate
         self._app = app
         self._validator = validator
         self._tables = tables
@@ -56,6 +59,7 @@ class SourceProcessor:
         self._duplicates = metrics.duplicates.labels(source)
 
     async def process(self, events: Sequence[EventT[Any]]) -> None:
+        await self._gate.pace(len(events), source=True)
         deliveries: list[Awaitable[object]] = []
         checkpoints: dict[str, tuple[EventT[Any], int]] = {}
         now_ms = int(time.time() * 1000)
@@ -67,6 +71,8 @@ class SourceProcessor:
                 deliveries.append(await self._dead_letters.reject(event, verdict))
                 continue
             record = verdict.record
+            if not self._gate.keeps(self.source, record["priority"]):
+                continue  # brownout: still in the source topic, for a replay (README)
             headers = headers_of(event)
             make_current(event)
             if not reprocessed(headers) and self._is_duplicate(

@@ -27,6 +27,7 @@ STALL_EXIT_CODE = 70  # EX_SOFTWARE
 def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
                      sinks_by_topic: Mapping[str, GuardedSink], acked: Mapping[Any, int],
                      detector: StallDetector | None = None,
+                     held: Callable[[], set[str]] = set,
                      clock: Callable[[], float] = time.monotonic,
                      exit_now: Callable[[int], object] = os._exit) -> Callable[[], Awaitable[None]]:
     """Register the watchdog timer; returns the check itself (tests call it directly). The
@@ -37,6 +38,7 @@ def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
         consumer = app.consumer
         positions: dict[str, Progress] = {}
         busy: set[str] = set()
+        on_hold = held()  # not fetched on purpose (drain, pause, a disabled source): not a stall
         tps = [tp for tp in consumer.assignment() if tp.topic in consumed]
         # From the broker, not the fetch cache: a partition that stopped being fetched has none.
         ends = await consumer.highwaters(*tps) if tps else {}
@@ -51,7 +53,7 @@ def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
             key = f"{tp.topic}[{tp.partition}]"
             positions[key] = Progress(committed=committed, acked=done, end=end)
             sink = sinks_by_topic.get(tp.topic)
-            if sink is not None and sink.retrying:
+            if (sink is not None and sink.retrying) or tp.topic in on_hold:
                 busy.add(key)
         stalled = detector.observe(clock(), positions, busy)
         if stalled:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -116,8 +117,24 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def get_json(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=5) as r:
+    def post(self, path: str, token: str | None = None, **headers: str) -> tuple[int, Any]:
+        """POST with an optional bearer token; (status, decoded JSON body), errors included."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.web_port}{path}", method="POST", data=b"")
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        for name, value in headers.items():
+            request.add_header(name.replace("_", "-"), value)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def get_json(self, path: str, token: str | None = None) -> Any:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.web_port}{path}")
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=5) as r:
             return json.loads(r.read())
 
     def metrics(self) -> str:

@@ -1,0 +1,184 @@
+"""Backpressure, wired: a timer measures the lag of every consumed topic, feeds the state machine
+(`core/backpressure.py`), exports the gauges, and pauses fetching where the state says so. The
+source agents ask it to pace batches (throttled) and whether a record is kept (brownout); every
+agent waits here while paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random as random_module
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import faust
+
+from ingest_stream.config import SOURCES, Settings
+from ingest_stream.core.backpressure import Backpressure, Lag, State
+from ingest_stream.core.tokenbucket import TokenBucket
+from ingest_stream.metrics import Metrics
+from ingest_stream.ops.lag import LagProbe, PartitionLag
+
+log = logging.getLogger(__name__)
+
+
+class BackpressureController:
+    def __init__(self, app: faust.App, settings: Settings, metrics: Metrics, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 random: Callable[[], float] = random_module.random) -> None:
+        self._app = app
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._random = random
+        self.machine = Backpressure(settings.backpressure_thresholds(), clock())
+        self._bucket = TokenBucket(settings.throttle_rate, burst=max(1.0, settings.throttle_rate))
+        self.disabled: set[str] = set(settings.disabled_sources)
+        self.source_topics = {settings.source_topic(s): s for s in SOURCES}
+        self.sink_topics = {settings.sink_topic(s): s for s in settings.sinks}
+        self.lags: list[PartitionLag] = []
+        self.measured_at: float | None = None  # time.time() of the last lag measurement
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._probe: LagProbe | None = None
+        self._paused_by_us: set[Any] = set()
+        metrics.backpressure_state.set(self.machine.state.gauge)
+
+    # --- the timer ------------------------------------------------------------------------------
+    async def tick(self) -> None:
+        if self._probe is None:
+            self._probe = LagProbe(self._settings.kafka_bootstrap, self._settings.app_id)
+            await self._probe.start()
+        self.lags = await self._probe.measure([*self.source_topics, *self.sink_topics])
+        self.measured_at = time.time()
+        for lag in self.lags:
+            self._metrics.consumer_lag_records.labels(lag.topic, str(lag.partition)).set(lag.records)
+            self._metrics.consumer_lag_seconds.labels(lag.topic, str(lag.partition)).set(lag.seconds)
+        self.machine.observe(self._clock(), worst_lag(self.lags, exclude=self.disabled_topics()))
+        self.apply()
+
+    async def stop(self) -> None:
+        if self._probe is not None:
+            await self._probe.stop()
+
+    def apply(self) -> None:
+        """Make the state take effect: gauge, fetching paused or resumed, agents held or let go."""
+        state = self.machine.state
+        self._metrics.backpressure_state.set(state.gauge)
+        if state is State.PAUSED:
+            self._resumed.clear()
+        else:
+            self._resumed.set()
+        held = self.held_topics()
+        consumer = self._app.consumer
+        assigned = set(consumer.assignment())
+        pause = {tp for tp in assigned if tp.topic in held}
+        resume = self._paused_by_us - pause
+        if pause:
+            consumer.pause_partitions(pause)
+        if resume:
+            consumer.resume_partitions(resume & assigned)
+        self._paused_by_us = pause
+
+    def guard_resumes(self) -> None:
+        """Faust resumes every assigned partition when a rebalance's recovery completes, which would
+        undo a drain, pause or disabled source until the next tick: filter held topics out of its
+        resumes. Installed once, when partitions are first assigned (before recovery resumes)."""
+        consumer = self._app.consumer
+        if getattr(consumer, "_ingest_resume_guarded", False):
+            return
+        original = consumer.resume_partitions
+
+        def resume_partitions(tps: Any) -> None:
+            held = self.held_topics()
+            original({tp for tp in tps if tp.topic not in held})
+
+        consumer.resume_partitions = resume_partitions  # type: ignore[method-assign]
+        consumer._ingest_resume_guarded = True  # type: ignore[attr-defined]
+
+    def held_topics(self) -> set[str]:
+        """Topics not fetched now: on purpose, so not a stall."""
+        held = set(self.disabled_topics())
+        if not self.machine.fetching:
+            held |= set(self.source_topics)
+        if self.machine.state is State.PAUSED:
+            held |= set(self.sink_topics)
+        return held
+
+    def disabled_topics(self) -> list[str]:
+        return [t for t, s in self.source_topics.items() if s in self.disabled]
+
+    # --- what the agents ask -----------------------------------------------------------------
+    async def pace(self, records: int, *, source: bool) -> None:
+        """Before a batch: wait while paused; a source batch waits for tokens while throttled."""
+        await self._resumed.wait()
+        if source and self.machine.state is State.THROTTLED:
+            await asyncio.sleep(self._bucket.reserve(self._clock(), records))
+
+    def keeps(self, source: str, priority: str) -> bool:
+        if self.machine.keeps(priority, self._random()):
+            return True
+        self._metrics.brownout_dropped.labels(source).inc()
+        return False
+
+    # --- operators ------------------------------------------------------------------------------
+    def override(self, state: State, *, who: str, rate: float | None = None) -> None:
+        """drain / paused / brownout by hand (ValueError for anything else or a bad rate)."""
+        self.machine.override(self._clock(), state, who=who, rate=rate)
+        log.warning("backpressure %s set by %s (rate %s)", state.value, who, rate)
+        self.apply()
+
+    def resume(self, *, who: str) -> None:
+        self.machine.resume(self._clock(), who=who)
+        log.warning("backpressure resumed by %s", who)
+        self.apply()
+
+    def set_source_enabled(self, source: str, enabled: bool) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
+        (self.disabled.discard if enabled else self.disabled.add)(source)
+        self.apply()
+
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        """Per source: lag in records and seconds, enabled."""
+        found: dict[str, dict[str, Any]] = {}
+        for topic, source in self.source_topics.items():
+            mine = [lag for lag in self.lags if lag.topic == topic]
+            found[source] = {
+                "topic": topic,
+                "enabled": source not in self.disabled,
+                "lag_records": sum(lag.records for lag in mine),
+                "lag_seconds": round(max((lag.seconds for lag in mine), default=0.0), 3),
+            }
+        return found
+
+    def status(self) -> dict[str, Any]:
+        m = self.machine
+        return {
+            "state": m.state.value,
+            "since_s_ago": round(self._clock() - m.since, 1),
+            "reason": m.reason,
+            "overridden": m.overridden,
+            "brownout_rate": m.brownout_rate,
+            "throttle_rate": self._settings.throttle_rate,
+            "worst_lag": _lag_dict(worst_lag(self.lags, exclude=self.disabled_topics())),
+            "held_topics": sorted(self.held_topics()),
+        }
+
+
+def worst_lag(lags: Sequence[PartitionLag], *, exclude: Collection[str] = ()) -> Lag:
+    """The pipeline's lag: the largest per-topic backlog in records, the oldest waiting record."""
+    per_topic: dict[str, int] = {}
+    seconds = 0.0
+    for lag in lags:
+        if lag.topic in exclude:
+            continue
+        per_topic[lag.topic] = per_topic.get(lag.topic, 0) + lag.records
+        seconds = max(seconds, lag.seconds)
+    return Lag(records=max(per_topic.values(), default=0), seconds=seconds)
+
+
+def _lag_dict(lag: Lag) -> dict[str, float]:
+    return {"records": lag.records, "seconds": round(lag.seconds, 3)}

@@ -1,0 +1,217 @@
+"""Issue 4: the operator's surface — admin routes behind a token, drain/resume, per-source isolation,
+`ingest-stream lag`, lag-driven backpressure, and a `/metrics` scrape promtool accepts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ingest_stream.ops.devstack import DevStack
+from tests.dataset import v2
+from tests.integration.harness import PROJECT_ROOT, Kafka, SinkReader, WorkerProcess, eventually
+from tests.integration.test_pipeline import source_topics
+
+TOKEN = "test-admin-token"
+QUICK_LAG = {"INGEST_LAG_CHECK_INTERVAL_S": "0.5", "INGEST_ADMIN_TOKEN": TOKEN}
+
+
+def records(tenant: str, count: int, *, start: int = 0, priority: str = "normal"
+            ) -> list[tuple[bytes, bytes]]:
+    return [(f"{tenant}:r{i}".encode(), json.dumps(v2(tenant, f"r{i}", 1, priority=priority)).encode())
+            for i in range(start, start + count)]
+
+
+def state(worker: WorkerProcess) -> str:
+    return str(worker.get_json("/health/detailed")["backpressure"]["state"])
+
+
+def test_admin_routes_refuse_without_the_token_and_audit_every_attempt(make_worker, kafka: Kafka,
+                                                                      prefix: str) -> None:
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(**QUICK_LAG)
+    worker.start()
+    assert worker.post("/admin/drain")[0] == 401
+    assert worker.post("/admin/drain", token="wrong")[0] == 401
+    assert state(worker) == "normal"
+    status, body = worker.post("/admin/drain", token=TOKEN, X_Operator="alice")
+    assert status == 200 and body["backpressure"]["state"] == "drain"
+    assert state(worker) == "drain"
+    status, body = worker.post("/admin/brownout?rate=0.25", token=TOKEN, X_Operator="alice")
+    assert (status, body["backpressure"]["state"], body["backpressure"]["brownout_rate"]) == (
+        200, "brownout", 0.25)
+    assert worker.post("/admin/brownout?rate=7", token=TOKEN)[0] == 400
+    assert worker.post("/admin/resume", token=TOKEN, X_Operator="bob")[0] == 200
+    assert state(worker) == "normal"
+    assert worker.metric("ingest_backpressure_state") == 0
+    trail = worker.get_json("/admin/audit", token=TOKEN)["entries"]
+    assert [(e["action"], e["result"].split(":")[0]) for e in trail] == [
+        ("drain", "refused"), ("drain", "refused"), ("drain", "ok"), ("brownout", "ok"),
+        ("brownout", "rejected"), ("resume", "ok")]
+    assert trail[2]["who"] == "alice" and trail[5]["who"] == "bob" and trail[0]["at"]
+    # The trail is a file in the data directory too: it survives a restart.
+    audit_file = Path(worker.env["INGEST_DATA_DIR"]) / "admin-audit.jsonl"
+    assert len(audit_file.read_text().splitlines()) == 6
+
+
+def test_with_no_token_configured_every_admin_route_refuses(make_worker, kafka: Kafka, prefix: str) -> None:
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(INGEST_ADMIN_TOKEN="")
+    worker.start()
+    for route in ("/admin/drain", "/admin/pause", "/admin/resume", "/admin/brownout?rate=0.1"):
+        assert worker.post(route, token="")[0] == 401
+        assert worker.post(route, token="anything")[0] == 401
+    assert state(worker) == "normal"
+
+
+def test_drain_stops_fetching_lag_cli_agrees_with_an_independent_client_and_resume_restarts(
+        make_worker, kafka: Kafka, sinks: SinkReader, prefix: str) -> None:
+    tenant = f"{prefix}-drain"
+    source = f"{prefix}.source.kafka"
+    group = f"it-{prefix}"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(**QUICK_LAG)
+    worker.start()
+    kafka.produce(source, records(tenant, 50))
+    eventually(lambda: _assert_rows(sinks, tenant, 50), timeout_s=60, context=worker.log_tail)
+    eventually(lambda: _assert_caught_up(kafka, group, source), timeout_s=30)
+
+    assert worker.post("/admin/drain", token=TOKEN)[0] == 200
+    before = kafka.committed(group, [source])
+    kafka.produce(source, records(tenant, 200, start=50))
+    # The worker sees the new records waiting (its own lag measurement) ...
+    eventually(lambda: _assert_adapter_lag(worker, "kafka", 200), timeout_s=30, context=worker.log_tail)
+    # ... and takes none of them: end offsets moved, committed did not, nothing new in the sink.
+    assert kafka.committed(group, [source]) == before
+    assert len(sinks.postgres([tenant])) == 50
+    assert worker.get_json("/health/detailed")["backpressure"]["held_topics"] == sorted(
+        t for t in source_topics(prefix))
+
+    # `ingest-stream lag` reports what librdkafka computes from committed and end offsets (end
+    # offsets by reading: Tansu reports a high watermark short of the last batch's records).
+    cli = ingest_stream(worker, "lag", "--json", "--topic", source)
+    ends = kafka.end_offsets([source])
+    committed = kafka.committed(group, [source])
+    reported = {(r["topic"], r["partition"]): (r["committed"], r["end"], r["lag"]) for r in cli}
+    assert {tp: row for tp, row in reported.items() if tp in ends} == {
+        tp: (committed.get(tp), end, end - committed.get(tp, 0)) for tp, end in ends.items()}
+    assert all(row[2] == 0 for tp, row in reported.items() if tp not in ends)  # empty partitions
+    assert all(r["group"] == group for r in cli)
+    assert any(r["lag"] > 0 and r["lag_seconds"] > 0 for r in cli)
+    human = ingest_stream(worker, "lag", "--topic", source, json_output=False)
+    assert "COMMITTED" in human and source in human
+
+    assert worker.post("/admin/resume", token=TOKEN)[0] == 200
+    eventually(lambda: _assert_rows(sinks, tenant, 250), timeout_s=60, context=worker.log_tail)
+    eventually(lambda: _assert_caught_up(kafka, group, source), timeout_s=30)
+
+
+def test_a_disabled_source_is_isolated_while_the_others_flow(make_worker, kafka: Kafka, sinks: SinkReader,
+                                                             prefix: str) -> None:
+    tenant = f"{prefix}-iso"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(**QUICK_LAG)
+    worker.start()
+    kafka.produce(f"{prefix}.source.kafka", records(tenant, 1, start=999))  # flowing: assigned
+    eventually(lambda: _assert_rows(sinks, tenant, 1), timeout_s=60, context=worker.log_tail)
+    assert worker.post("/admin/sources/webhook/disable", token=TOKEN)[0] == 200
+    assert worker.post("/admin/sources/nosuch/disable", token=TOKEN)[0] == 404
+    webhook = [(k, json.dumps({**json.loads(v), "source": "webhook"}).encode())
+               for k, v in records(tenant, 20, start=100)]
+    kafka.produce(f"{prefix}.source.webhook", webhook)
+    kafka.produce(f"{prefix}.source.kafka", records(tenant, 20))
+    eventually(lambda: _assert_rows(sinks, tenant, 21), timeout_s=60, context=worker.log_tail)
+    eventually(lambda: _assert_adapter_lag(worker, "webhook", 20), timeout_s=30)
+    adapters = worker.get_json("/health/detailed")["adapters"]
+    assert adapters["webhook"]["enabled"] is False and adapters["kafka"]["enabled"] is True
+    assert len(sinks.postgres([tenant])) == 21  # nothing from the disabled source
+    assert worker.post("/admin/sources/webhook/enable", token=TOKEN)[0] == 200
+    eventually(lambda: _assert_rows(sinks, tenant, 41), timeout_s=60, context=worker.log_tail)
+
+
+def test_a_slow_sink_drives_throttled_then_brownout_drops_only_low_priority_and_it_recovers(
+        stack: DevStack, make_worker, kafka: Kafka, sinks: SinkReader, prefix: str) -> None:
+    tenant = f"{prefix}-bp"
+    source = f"{prefix}.source.kafka"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(
+        **QUICK_LAG, INGEST_THROTTLE_LAG_S="2", INGEST_BROWNOUT_LAG_S="6",
+        INGEST_BACKPRESSURE_COOL_DOWN_S="1",
+        INGEST_BROWNOUT_RATE="0", INGEST_THROTTLE_RATE="5000", INGEST_SINK_FAILURE_POLICY="hold",
+        INGEST_SINK_TIMEOUT_S="1", INGEST_SINK_RETRY_CAP_S="0.5", INGEST_BREAKER_OPEN_S="1")
+    worker.start()
+    seen: list[str] = []
+
+    def reached(wanted: str) -> None:
+        current = state(worker)
+        if not seen or seen[-1] != current:
+            seen.append(current)
+        assert current == wanted
+
+    with stack.server_paused("typesense"):  # slow: it answers nothing until SIGCONT
+        kafka.produce(source, records(tenant, 30))
+        eventually(lambda: reached("brownout"), timeout_s=60, interval_s=0.1, context=worker.log_tail)
+        assert seen[-2:] == ["throttled", "brownout"], seen
+        assert "threshold" in worker.get_json("/health/detailed")["backpressure"]["reason"]
+        low = records(tenant, 40, start=1000, priority="low")
+        kept = records(tenant, 20, start=2000, priority="high") + records(tenant, 20, start=3000)
+        kafka.produce(source, low + kept)
+        eventually(lambda: _assert_rows(sinks, tenant, 70), timeout_s=60, context=worker.log_tail)
+        assert worker.metric("ingest_brownout_dropped_total", source="kafka") == 40
+    eventually(lambda: reached("normal"), timeout_s=120, interval_s=0.2, context=worker.log_tail)
+    assert seen[-3:] == ["brownout", "throttled", "normal"], seen  # down one level at a time
+    held = sinks.postgres([tenant])
+    assert not any(record_id.startswith("r1") and len(record_id) == 5 for _, record_id in held)
+    assert {i for _, i in held} == {f"r{i}" for i in [*range(30), *range(2000, 2020), *range(3000, 3020)]}
+    eventually(lambda: _assert_equal(len(sinks.search_documents([tenant])), 70), timeout_s=60)
+
+
+def test_metrics_scrape_passes_promtool(make_worker, kafka: Kafka, prefix: str) -> None:
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(**QUICK_LAG)
+    worker.start()
+    kafka.produce(f"{prefix}.source.kafka", [*records(f"{prefix}-m", 5), (b"x", b"not json")])
+    eventually(lambda: _assert_metric_present(worker, "ingest_consumer_lag_seconds"), timeout_s=30)
+    eventually(lambda: _assert_metric_present(worker, "ingest_dlq_total{"), timeout_s=30)
+    scrape = worker.metrics()
+    for name in ("ingest_records_total", "ingest_dlq_total", "ingest_lag_seconds",
+                 "ingest_consumer_lag_records", "ingest_consumer_lag_seconds", "ingest_backpressure_state",
+                 "ingest_retry_total",
+                 "ingest_circuit_state", "ingest_duplicates_total", "ingest_brownout_dropped_total"):
+        assert f"# TYPE {name} " in scrape, name
+    promtool = PROJECT_ROOT / ".venv" / "bin" / "promtool"
+    checked = subprocess.run([str(promtool), "check", "metrics"], input=scrape.encode(), capture_output=True,
+                             timeout=30, check=False)
+    assert checked.returncode == 0, (checked.stdout + checked.stderr).decode()
+
+
+def ingest_stream(worker: WorkerProcess, *args: str, json_output: bool = True) -> Any:
+    done = subprocess.run([sys.executable, "-m", "ingest_stream.cli", *args],
+                          env={**os.environ, **worker.env}, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    return json.loads(done.stdout) if json_output else done.stdout.decode()
+
+
+def _assert_rows(sinks: SinkReader, tenant: str, count: int) -> None:
+    assert len(sinks.postgres([tenant])) == count
+
+
+def _assert_caught_up(kafka: Kafka, group: str, topic: str) -> None:
+    lag = kafka.lag(group, [topic])
+    assert lag and sum(lag.values()) == 0, lag
+
+
+def _assert_adapter_lag(worker: WorkerProcess, source: str, at_least: int) -> None:
+    adapter = worker.get_json("/health/detailed")["adapters"][source]
+    assert adapter["lag_records"] >= at_least, adapter
+
+
+def _assert_metric_present(worker: WorkerProcess, text: str) -> None:
+    assert text in worker.metrics()
+
+
+def _assert_equal(actual: object, expected: object) -> None:
+    assert actual == expected
