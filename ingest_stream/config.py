@@ -75,6 +75,7 @@ class Settings:
     backpressure_cool_down_s: float = 30.0
     throttle_rate: float = 1000.0  # source records per second while throttled
     brownout_rate: float = 0.1  # share of low-priority records kept in an automatic brownout
+    max_concurrent_sink_writes: int = 3  # sink batches in flight at once, across the sinks
     disabled_sources: tuple[str, ...] = ()  # isolated at start; /admin/sources/<s>/enable undoes it
     log_level: str = "info"
 
@@ -90,8 +91,8 @@ class Settings:
             self.backpressure_thresholds()
         except ValueError as error:
             raise ConfigError(f"INGEST_*_LAG_* / INGEST_BROWNOUT_RATE: {error}") from None
-        if self.throttle_rate <= 0:
-            raise ConfigError("INGEST_THROTTLE_RATE must be positive")
+        if self.throttle_rate <= 0 or self.max_concurrent_sink_writes < 1:
+            raise ConfigError("INGEST_THROTTLE_RATE and INGEST_MAX_CONCURRENT_SINK_WRITES must be positive")
         if self.partitions < 1 or self.max_record_bytes < 1:
             raise ConfigError("INGEST_PARTITIONS and INGEST_MAX_RECORD_BYTES must be positive")
 

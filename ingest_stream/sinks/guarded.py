@@ -77,6 +77,7 @@ class GuardedSink:
         self.consecutive_failures = 0
         self.last_error: SinkError | None = None
         self.last_error_at: float | None = None  # time.time()
+        self.last_success_at: float | None = None  # time.time(): tells an idle sink from a dead one
 
     async def apply(self, writes: Sequence[Write]) -> BatchOutcome:
         try:
@@ -122,6 +123,7 @@ class GuardedSink:
         else:
             self.breaker.record_success(self._clock())
             self.consecutive_failures = 0
+            self.last_success_at = time.time()
             self._report_state()
             return outcome
         self.last_error, self.last_error_at = error, time.time()
@@ -140,9 +142,10 @@ class GuardedSink:
             "failure_policy": self._failure_policy,
             "consecutive_failures": self.consecutive_failures,
             "retrying": self.retrying,
+            "last_success_at": _rfc3339(self.last_success_at),
             "last_error": None if self.last_error is None else {
                 "reason": self.last_error.reason.value, "error": str(self.last_error)[:300],
-                "at": format_rfc3339(datetime.fromtimestamp(self.last_error_at or 0, UTC))},
+                "at": _rfc3339(self.last_error_at)},
         }
 
     def _report_state(self) -> None:
@@ -173,3 +176,7 @@ class GuardedSink:
         for write in writes:  # in order, so the revision rule sees them as they came
             outcome.merge(await self._apply([write]))
         return outcome
+
+
+def _rfc3339(epoch_s: float | None) -> str | None:
+    return None if epoch_s is None else format_rfc3339(datetime.fromtimestamp(epoch_s, UTC))

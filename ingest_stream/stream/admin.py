@@ -71,7 +71,7 @@ def install_admin_routes(app: faust.App, settings: Settings, controller: Backpre
                 who = _who(request)
                 try:
                     rate = float(request.query["rate"]) if "rate" in request.query else None
-                    controller.override(state, who=who, rate=rate)
+                    await controller.override(state, who=who, rate=rate)
                 except ValueError as error:
                     _audit(audit, request, state.value, params, f"rejected: {error}")
                     return self.json({"error": str(error)}, status=400)
@@ -90,7 +90,7 @@ def install_admin_routes(app: faust.App, settings: Settings, controller: Backpre
             refused = guarded(self, request, "resume", {})
             if refused is not None:
                 return refused
-            controller.resume(who=_who(request))
+            await controller.resume(who=_who(request))
             _audit(audit, request, "resume", {}, "ok")
             return self.json({"backpressure": controller.status()})
 
@@ -104,7 +104,7 @@ def install_admin_routes(app: faust.App, settings: Settings, controller: Backpre
             if action not in ("enable", "disable"):
                 return self.json({"error": "action is enable or disable"}, status=404)
             try:
-                controller.set_source_enabled(source, action == "enable")
+                await controller.set_source_enabled(source, action == "enable")
             except ValueError as error:
                 _audit(audit, request, name, {"source": source}, f"rejected: {error}")
                 return self.json({"error": str(error)}, status=404)

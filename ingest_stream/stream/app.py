@@ -208,7 +208,7 @@ def _backpressure_timer(app: faust.App, settings: Settings, controller: Backpres
     @app.on_partitions_assigned.connect
     async def hold_what_is_held(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         controller.guard_resumes()
-        controller.apply()
+        controller.apply_soon()  # the consumer thread is inside this rebalance: queue behind it
 
     @app.on_before_shutdown.connect
     async def stop_lag_probe(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

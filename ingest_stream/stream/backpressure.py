@@ -40,10 +40,13 @@ class BackpressureController:
         self.sink_topics = {settings.sink_topic(s): s for s in settings.sinks}
         self.lags: list[PartitionLag] = []
         self.measured_at: float | None = None  # time.time() of the last lag measurement
+        self.sink_slots = asyncio.Semaphore(settings.max_concurrent_sink_writes)
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._probe: LagProbe | None = None
         self._paused_by_us: set[Any] = set()
+        self._pending: set[asyncio.Future[None]] = set()
+        self._client_held: set[str] | None = None  # what the Kafka client was last told to hold
         metrics.backpressure_state.set(self.machine.state.gauge)
 
     # --- the timer ------------------------------------------------------------------------------
@@ -57,13 +60,13 @@ class BackpressureController:
             self._metrics.consumer_lag_records.labels(lag.topic, str(lag.partition)).set(lag.records)
             self._metrics.consumer_lag_seconds.labels(lag.topic, str(lag.partition)).set(lag.seconds)
         self.machine.observe(self._clock(), worst_lag(self.lags, exclude=self.disabled_topics()))
-        self.apply()
+        await self.apply()
 
     async def stop(self) -> None:
         if self._probe is not None:
             await self._probe.stop()
 
-    def apply(self) -> None:
+    async def apply(self, *, assignment_changed: bool = False) -> None:
         """Make the state take effect: gauge, fetching paused or resumed, agents held or let go."""
         state = self.machine.state
         self._metrics.backpressure_state.set(state.gauge)
@@ -81,6 +84,35 @@ class BackpressureController:
         if resume:
             consumer.resume_partitions(resume & assigned)
         self._paused_by_us = pause
+        if assignment_changed or held != self._client_held:  # the consumer thread's queue is slow
+            await self._pause_in_client(held)
+            self._client_held = held
+
+    def apply_soon(self) -> None:
+        """`apply` for a new assignment, as a task: inside a rebalance the consumer thread is busy."""
+        task = asyncio.ensure_future(self.apply(assignment_changed=True))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _pause_in_client(self, held: set[str]) -> None:
+        """Faust's pause only stops it asking for a partition's records; aiokafka still fetches and
+        buffers them, and they were seen delivered. aiokafka's own pause stops the fetch and drops
+        the buffer (re-fetched from the position on resume). That client lives in Faust's consumer
+        thread, so the call goes there."""
+        thread = getattr(self._app.consumer, "_thread", None)
+        if thread is None:
+            return
+
+        async def set_paused() -> None:
+            client = thread._ensure_consumer()
+            wanted = {tp for tp in client.assignment() if tp.topic in held}
+            if wanted:
+                client.pause(*wanted)
+            resumed = client.paused() - wanted
+            if resumed:
+                client.resume(*resumed)
+
+        await thread.call_thread(set_paused)
 
     def guard_resumes(self) -> None:
         """Faust resumes every assigned partition when a rebalance's recovery completes, which would
@@ -124,22 +156,22 @@ class BackpressureController:
         return False
 
     # --- operators ------------------------------------------------------------------------------
-    def override(self, state: State, *, who: str, rate: float | None = None) -> None:
+    async def override(self, state: State, *, who: str, rate: float | None = None) -> None:
         """drain / paused / brownout by hand (ValueError for anything else or a bad rate)."""
         self.machine.override(self._clock(), state, who=who, rate=rate)
         log.warning("backpressure %s set by %s (rate %s)", state.value, who, rate)
-        self.apply()
+        await self.apply()
 
-    def resume(self, *, who: str) -> None:
+    async def resume(self, *, who: str) -> None:
         self.machine.resume(self._clock(), who=who)
         log.warning("backpressure resumed by %s", who)
-        self.apply()
+        await self.apply()
 
-    def set_source_enabled(self, source: str, enabled: bool) -> None:
+    async def set_source_enabled(self, source: str, enabled: bool) -> None:
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
         (self.disabled.discard if enabled else self.disabled.add)(source)
-        self.apply()
+        await self.apply()
 
     def adapters(self) -> dict[str, dict[str, Any]]:
         """Per source: lag in records and seconds, enabled."""

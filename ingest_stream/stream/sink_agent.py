@@ -58,7 +58,8 @@ class SinkProcessor:
             writes.append(write)
             event_of[id(write)] = event
 
-        outcome = await self.sink.apply(writes)
+        async with self._gate.sink_slots:  # bounded sink concurrency across the sink agents
+            outcome = await self.sink.apply(writes)
 
         for write in outcome.older:
             deliveries.append(await self._dead_letters.publish(

@@ -113,7 +113,9 @@ def test_a_disabled_source_is_isolated_while_the_others_flow(make_worker, kafka:
                                                              prefix: str) -> None:
     tenant = f"{prefix}-iso"
     kafka.create_topics(source_topics(prefix))
-    worker: WorkerProcess = make_worker(**QUICK_LAG)
+    worker: WorkerProcess = make_worker(**QUICK_LAG, INGEST_DISABLED_SOURCES="s3")  # from the start
+    kafka.produce(f"{prefix}.source.s3", [(k, json.dumps({**json.loads(v), "source": "s3"}).encode())
+                                          for k, v in records(tenant, 5, start=500)])
     worker.start()
     kafka.produce(f"{prefix}.source.kafka", records(tenant, 1, start=999))  # flowing: assigned
     eventually(lambda: _assert_rows(sinks, tenant, 1), timeout_s=60, context=worker.log_tail)
@@ -127,9 +129,11 @@ def test_a_disabled_source_is_isolated_while_the_others_flow(make_worker, kafka:
     eventually(lambda: _assert_adapter_lag(worker, "webhook", 20), timeout_s=30)
     adapters = worker.get_json("/health/detailed")["adapters"]
     assert adapters["webhook"]["enabled"] is False and adapters["kafka"]["enabled"] is True
+    assert adapters["s3"]["enabled"] is False and adapters["s3"]["lag_records"] == 5
     assert len(sinks.postgres([tenant])) == 21  # nothing from the disabled source
     assert worker.post("/admin/sources/webhook/enable", token=TOKEN)[0] == 200
     eventually(lambda: _assert_rows(sinks, tenant, 41), timeout_s=60, context=worker.log_tail)
+    assert not {f"r{i}" for i in range(500, 505)} & {i for _, i in sinks.postgres([tenant])}  # s3: isolated
 
 
 def test_a_slow_sink_drives_throttled_then_brownout_drops_only_low_priority_and_it_recovers(
