@@ -1,9 +1,5 @@
-"""`dlqtriage`: look at the dead-letter topic and send records back (contract §6, runbook).
-
-The DLQ topic is append-only; each dead letter's status (open / redriven / parked / purged) is kept
-in a compacted companion topic `<dlq>.status`, keyed by the letter's `partition:offset`. Statuses
-survive restarts and are shared by every operator, and a redrive marks what it sent, so running it
-again sends nothing twice.
+"""`dlqtriage`: triage the dead-letter topic and send records back (contract §6, the runbook's
+commands). The work is done in `ops/dead_letters.py`; this module parses and prints.
 """
 
 from __future__ import annotations
@@ -11,216 +7,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import secrets
 import sys
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from pathlib import Path
+from typing import TextIO
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from ingest_stream.config import Settings
-from ingest_stream.core.dlq import DlqEnvelope
 from ingest_stream.core.reasons import Reason, Stage
-from ingest_stream.core.timefmt import format_rfc3339
-from ingest_stream.core.tokenbucket import TokenBucket
-from ingest_stream.core.triage import (
-    DEFAULT_MAX_REDRIVES,
-    DeadLetter,
-    Selection,
-    Status,
-    StatusEntry,
-    Verdict,
-    fold_statuses,
-    redrive_message,
-    redrive_verdict,
+from ingest_stream.core.triage import DEFAULT_MAX_REDRIVES, Selection, Status, analyze
+from ingest_stream.ops.dead_letters import (
+    DeadLetterStore,
+    RedriveReport,
+    export,
+    purge,
+    redrive,
+    sample,
+    summary,
+    verify_archive,
 )
-from ingest_stream.ops.kafka_io import ToolError, ensure_topic, scan
+from ingest_stream.ops.kafka_io import ToolError
 from ingest_stream.ops.output import format_table, write_json
-
-log = logging.getLogger(__name__)
-MARK_EVERY = 500  # dead letters sent between status checkpoints
-
-
-class DeadLetterStore:
-    """The DLQ topic and its status topic."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.bootstrap = settings.kafka_bootstrap
-        self.topic = settings.dlq_topic
-        self.status_topic = f"{settings.dlq_topic}.status"
-        self.unreadable = 0  # records in the DLQ topic without valid dlq.* headers
-        self.repeats = 0  # copies of a failure already seen (redelivery after a crash)
-
-    async def statuses(self) -> dict[str, StatusEntry]:
-        return fold_statuses([(r.key, r.value) async for r in scan(self.bootstrap, self.status_topic)
-                              if r.key is not None])
-
-    async def letters(self) -> AsyncIterator[DeadLetter]:
-        """Each failure once: a worker killed after publishing a dead letter but before committing
-        publishes it again on redelivery; the later copies are counted in `repeats`, not shown."""
-        self.unreadable = self.repeats = 0
-        seen: set[tuple[object, ...]] = set()
-        async for record in scan(self.bootstrap, self.topic):
-            headers = tuple((k, bytes(v)) for k, v in record.headers)
-            try:
-                envelope = DlqEnvelope.from_headers(headers)
-            except (KeyError, ValueError):
-                self.unreadable += 1
-                continue
-            letter = DeadLetter(record.partition, record.offset, record.key, record.value, headers, envelope)
-            if letter.failure in seen:
-                self.repeats += 1
-                continue
-            seen.add(letter.failure)
-            yield letter
-
-    async def selected(self, selection: Selection) -> AsyncIterator[tuple[DeadLetter, Status]]:
-        statuses = await self.statuses()
-        async for letter in self.letters():
-            entry = statuses.get(letter.id)
-            status = entry.status if entry else Status.OPEN
-            if selection.matches(letter, status):
-                yield letter, status
-
-    async def open_producer(self) -> AIOKafkaProducer:
-        await ensure_topic(self.bootstrap, self.status_topic, configs={"cleanup.policy": "compact"})
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
-        await producer.start()
-        return producer
-
-
-# --- summary / sample ---------------------------------------------------------------------------
-async def summary(store: DeadLetterStore, selection: Selection) -> dict[str, Any]:
-    groups: Counter[tuple[str, str, str]] = Counter()
-    statuses: Counter[str] = Counter()
-    retryable = 0
-    oldest: datetime | None = None
-    newest: datetime | None = None
-    async for letter, status in store.selected(selection):
-        e = letter.envelope
-        groups[(e.reason.value, e.tenant or "-", e.stage.value)] += 1
-        statuses[status.value] += 1
-        retryable += e.retryable
-        oldest = min(oldest or e.failed_at, e.failed_at)
-        newest = max(newest or e.failed_at, e.failed_at)
-    total = sum(groups.values())
-    return {
-        "topic": store.topic,
-        "total": total,
-        "retryable_share": round(retryable / total, 4) if total else 0.0,
-        "oldest": format_rfc3339(oldest) if oldest else None,
-        "newest": format_rfc3339(newest) if newest else None,
-        "by_status": dict(statuses),
-        "groups": [{"reason": r, "tenant": t, "stage": s, "count": n}
-                   for (r, t, s), n in sorted(groups.items(), key=lambda item: (-item[1], item[0]))],
-        "unreadable": store.unreadable,
-        "repeats": store.repeats,
-    }
-
-
-async def sample(store: DeadLetterStore, selection: Selection, *, limit: int, full: bool
-                 ) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    async for letter, status in store.selected(selection):
-        value = (letter.value or b"").decode("utf-8", "replace")
-        if not full and len(value) > 500:
-            value = value[:500] + f"... ({len(letter.value or b'')} bytes)"
-        headers = {k: v.decode("utf-8", "replace") for k, v in letter.headers}
-        if not full:
-            headers = {k: v for k, v in headers.items() if k.startswith(("dlq.", "ingest."))}
-        found.append({"id": letter.id, "status": status.value,
-                      "key": (letter.key or b"").decode("utf-8", "replace"),
-                      "headers": headers, "value": value})
-        if len(found) >= limit:
-            break
-    return found
-
-
-# --- redrive ------------------------------------------------------------------------------------
-@dataclass
-class RedriveReport:
-    redrive_id: str
-    dry_run: bool
-    sent: Counter[str] = field(default_factory=Counter)  # by target topic
-    parked: int = 0
-    not_retryable: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"redrive_id": self.redrive_id, "dry_run": self.dry_run, "sent": sum(self.sent.values()),
-                "sent_by_topic": dict(self.sent), "parked": self.parked,
-                "skipped_not_retryable": self.not_retryable}
-
-
-def new_redrive_id(now: datetime) -> str:
-    return f"rd-{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-async def redrive(
-    store: DeadLetterStore,
-    selection: Selection,
-    *,
-    force: bool = False,
-    dry_run: bool = False,
-    limit: int | None = None,
-    rate: float | None = None,
-    max_redrives: int = DEFAULT_MAX_REDRIVES,
-    progress: Callable[[RedriveReport], None] = lambda report: None,
-    now: Callable[[], datetime] = lambda: datetime.now(UTC),
-) -> RedriveReport:
-    """Send the selected open dead letters back; mark each one redriven (or parked) once its send
-    is acknowledged. A crash between the two re-sends at most the last unmarked group, which the
-    sinks' revision guard turns into a no-op rewrite of the same revision."""
-    report = RedriveReport(new_redrive_id(now()), dry_run)
-    bucket = TokenBucket(rate, max(1.0, rate)) if rate else None
-    producer = None if dry_run else await store.open_producer()
-    deliveries: list[Awaitable[object]] = []
-    marks: list[tuple[str, StatusEntry]] = []
-
-    async def checkpoint() -> None:
-        if producer is None:
-            return
-        await asyncio.gather(*deliveries)
-        deliveries.clear()
-        acks = [await producer.send(store.status_topic, key=letter_id.encode(), value=entry.encode())
-                for letter_id, entry in marks]
-        await asyncio.gather(*acks)
-        marks.clear()
-        progress(report)
-
-    try:
-        async for letter, _status in store.selected(selection):
-            verdict = redrive_verdict(letter, force=force, max_redrives=max_redrives)
-            at = format_rfc3339(now())
-            if verdict is Verdict.NOT_RETRYABLE:
-                report.not_retryable += 1
-                continue
-            if verdict is Verdict.PARK:
-                report.parked += 1
-                marks.append((letter.id, StatusEntry(Status.PARKED, at, report.redrive_id,
-                                                     f"redriven {letter.redrives} times")))
-            else:
-                message = redrive_message(letter, report.redrive_id)
-                report.sent[message.topic] += 1
-                if producer is not None:
-                    if bucket is not None:
-                        await asyncio.sleep(bucket.reserve(time.monotonic()))
-                    deliveries.append(await producer.send(message.topic, key=message.key,
-                                                          value=message.value, headers=message.headers))
-                    marks.append((letter.id, StatusEntry(Status.REDRIVEN, at, report.redrive_id)))
-            if len(marks) >= MARK_EVERY:
-                await checkpoint()
-            if limit is not None and sum(report.sent.values()) >= limit:
-                break
-        await checkpoint()
-    finally:
-        if producer is not None:
-            await producer.stop()
-    return report
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -247,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     sample_cmd = command("sample", "show some dead letters: headers and decoded value")
     sample_cmd.add_argument("--limit", type=int, default=5)
     sample_cmd.add_argument("--full", action="store_true", help="every header, the whole value")
+    analyze_cmd = command("analyze", "patterns: top errors per reason, time histogram, sources, actions")
+    analyze_cmd.add_argument("--producer-header", default="x-producer",
+                             help="header naming the producer (default x-producer)")
+    export_cmd = command("export", "stream dead letters as JSONL or CSV")
+    export_cmd.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export_cmd.add_argument("--output", type=Path, help="file (default: standard output)")
+    purge_cmd = command("purge", "archive (JSONL.gz + SHA-256 manifest), then mark purged")
+    purge_cmd.add_argument("--archive-dir", type=Path,
+                           help="where archives go (default: $INGEST_DATA_DIR/dlq-archive)")
+    purge_cmd.add_argument("--dry-run", action="store_true", help="count, archive nothing, mark nothing")
+    verify_cmd = commands.add_parser("verify", help="check an archive against its manifest")
+    verify_cmd.add_argument("manifest", type=Path)
+    verify_cmd.add_argument("--json", action="store_true")
     redrive_cmd = command("redrive", "send dead letters back to where they failed")
     redrive_cmd.add_argument("--limit", type=int, help="at most this many")
     redrive_cmd.add_argument("--dry-run", action="store_true", help="say what would be sent, send nothing")
@@ -290,9 +113,62 @@ def _progress_printer(stream: TextIO) -> Callable[[RedriveReport], None]:
 
 
 async def run(args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "verify":
+        result = verify_archive(args.manifest)
+        if args.json:
+            write_json(result, out)
+        else:
+            verdict = "OK" if result["ok"] else "MISMATCH"
+            print(f"{result['archive']}: {verdict} ({result['records']} records)", file=out)
+        return 0 if result["ok"] else 1
     settings = Settings.from_env()
     store = DeadLetterStore(settings)
-    selection = selection_from(args, datetime.now(UTC))
+    now = datetime.now(UTC)
+    selection = selection_from(args, now)
+    if args.command == "analyze":
+        analysis = analyze([letter async for letter, _ in store.selected(selection)],
+                           producer_header=args.producer_header)
+        if args.json:
+            write_json(analysis, out)
+            return 0
+        print(f"{analysis['total']} dead letter(s)", file=out)
+        for entry in analysis["reasons"]:
+            kind = "retryable" if entry["retryable"] else "not retryable"
+            print(f"\n{entry['reason']}: {entry['count']} ({kind})", file=out)
+            for error in entry["top_errors"]:
+                print(f"  {error['count']:>6}  {error['pattern']}", file=out)
+            for name in ("stages", "sources", "origin_topics", "producers", "tenants"):
+                print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in entry[name].items()), file=out)
+            print(f"  suggested: {entry['suggested_action']}", file=out)
+        histogram = analysis["histogram"]
+        if histogram["counts"]:
+            print(f"\nfailures per {histogram['bucket']}:", file=out)
+            peak = max(histogram["counts"].values())
+            for bucket, count in histogram["counts"].items():
+                print(f"  {bucket}  {count:>6}  {'#' * max(1, round(40 * count / peak))}", file=out)
+        return 0
+    if args.command == "export":
+        if args.output is None:
+            count = await export(store, selection, out, fmt=args.format)
+        else:
+            with args.output.open("w", newline="") as handle:
+                count = await export(store, selection, handle, fmt=args.format)
+            print(f"exported {count} dead letter(s) to {args.output}", file=sys.stderr)
+        return 0
+    if args.command == "purge":
+        if args.older_than is None:
+            raise ToolError("purge needs --older-than DAYS")
+        archive_dir = args.archive_dir or settings.data_dir / "dlq-archive"
+        result = await purge(store, selection, archive_dir=archive_dir, dry_run=args.dry_run, now=now)
+        if args.json:
+            write_json(result, out)
+        elif result["dry_run"]:
+            print(f"would archive and purge {result['would_purge']} dead letter(s)", file=out)
+        else:
+            where = (f"; archive {result['archive']}, manifest {result['manifest']}"
+                     if result["purged"] else "")
+            print(f"purged {result['purged']} dead letter(s){where}", file=out)
+        return 0
     if args.command == "summary":
         result = await summary(store, selection)
         if args.json:

@@ -103,3 +103,65 @@ def test_a_republished_copy_is_the_same_failure_and_a_failure_after_a_redrive_is
     after_redrive = letter(offset=9, extra=[("ingest.redrive", b"1")])
     assert first.failure == copy.failure
     assert after_redrive.failure != first.failure
+
+
+def test_summary_counts_every_reason_by_tenant_and_stage():
+    from ingest_stream.core.triage import summarize
+
+    letters = [(letter(reason, stage, tenant=tenant, failed_at=WHEN + timedelta(minutes=i)), Status.OPEN)
+               for i, (reason, stage, tenant) in enumerate([
+                   (Reason.SCHEMA_DRIFT, Stage.VALIDATE, "a"), (Reason.SCHEMA_DRIFT, Stage.VALIDATE, "a"),
+                   (Reason.VALIDATION_FAIL, Stage.VALIDATE, "b"),
+                   (Reason.OLDER_REVISION, Stage.SINK_POSTGRES, "a"),
+                   (Reason.CONSTRAINT_VIOLATION, Stage.SINK_POSTGRES, "a"),
+                   (Reason.SINK_TIMEOUT, Stage.SINK_TYPESENSE, "a"),
+                   (Reason.CONNECTION_ERROR, Stage.SINK_NEO4J, "b"),
+                   (Reason.RATE_LIMITED, Stage.SINK_TYPESENSE, "b"),
+                   (Reason.CIRCUIT_OPEN, Stage.SINK_TYPESENSE, "b")])]
+    result = summarize(letters)
+    assert result["total"] == 9
+    assert result["by_reason"] == {r.value: (2 if r is Reason.SCHEMA_DRIFT else 1) for r in Reason}
+    assert result["groups"][0] == {"reason": "SCHEMA_DRIFT", "tenant": "a", "stage": "validate", "count": 2}
+    assert result["retryable_share"] == round(4 / 9, 4)
+    assert (result["oldest"], result["newest"]) == ("2026-01-10T00:00:00.000Z", "2026-01-10T00:08:00.000Z")
+    assert result["by_status"] == {"open": 9}
+
+
+def test_error_patterns_group_messages_that_differ_only_in_values():
+    from ingest_stream.core.triage import error_pattern
+
+    assert error_pattern("$.revision: -3 is less than the minimum of 0") == error_pattern(
+        "$.revision: -17 is less than the minimum of 0")
+    assert error_pattern("'abc' is not a 'date-time'") == error_pattern("'2025-13-01' is not a 'date-time'")
+    assert error_pattern("no answer in 10.0s") != error_pattern("connection refused")
+
+
+def test_analysis_gives_top_errors_sources_producers_histogram_and_an_action_per_reason():
+    from ingest_stream.core.triage import analyze
+
+    letters = [letter(Reason.VALIDATION_FAIL, Stage.VALIDATE, failed_at=WHEN + timedelta(hours=h % 3),
+                      extra=[("x-producer", b"billing")]) for h in range(6)]
+    letters.append(letter(Reason.CONNECTION_ERROR, failed_at=WHEN))
+    result = analyze(letters)
+    assert result["total"] == 7
+    first = result["reasons"][0]
+    assert (first["reason"], first["count"], first["retryable"]) == ("VALIDATION_FAIL", 6, False)
+    assert first["top_errors"] == [{"pattern": "boom", "count": 6}]
+    assert first["producers"] == {"billing": 6} and first["origin_topics"] == {"ingest.source.kafka": 6}
+    assert "producer" in first["suggested_action"]
+    assert result["reasons"][1]["suggested_action"].endswith("then redrive")
+    assert result["histogram"] == {"bucket": "hour", "counts": {
+        "2026-01-10T00:00Z": 3, "2026-01-10T01:00Z": 2, "2026-01-10T02:00Z": 2}}
+
+
+def test_a_letter_document_keeps_the_exact_bytes():
+    import base64
+
+    from ingest_stream.core.triage import letter_document
+
+    doc = letter_document(letter(), Status.OPEN)
+    assert base64.b64decode(doc["value_b64"]) == b'{"id": "doc-1"}'
+    assert base64.b64decode(doc["key_b64"]) == b"acme-corp:doc-1"
+    assert doc["value"] == '{"id": "doc-1"}'
+    assert ["traceparent", base64.b64encode(b"00-1").decode()] in doc["headers"]
+    assert (doc["reason"], doc["stage"], doc["status"]) == ("CONNECTION_ERROR", "sink.typesense", "open")
