@@ -154,10 +154,18 @@ def verify_archive(manifest_path: Path) -> dict[str, Any]:
     archive = manifest_path.parent / manifest["archive"]
     if not archive.exists():
         raise ToolError(f"{archive}: missing")
-    with gzip.open(archive, "rb") as lines:
-        records = sum(1 for line in lines if line.strip())
-    ok = sha256_of(archive) == manifest["sha256"] and records == manifest["records"]
-    return {"archive": str(archive), "ok": ok, "records": records, "expected_records": manifest["records"]}
+    problem = None
+    try:
+        with gzip.open(archive, "rb") as lines:
+            records = sum(1 for line in lines if line.strip())
+    except (OSError, EOFError) as error:  # truncated or not gzip at all
+        records, problem = -1, f"unreadable: {error}"
+    if problem is None and sha256_of(archive) != manifest["sha256"]:
+        problem = "SHA-256 differs from the manifest"
+    if problem is None and records != manifest["records"]:
+        problem = f"{records} records, the manifest says {manifest['records']}"
+    return {"archive": str(archive), "ok": problem is None, "problem": problem, "records": records,
+            "expected_records": manifest["records"]}
 
 
 async def purge(store: DeadLetterStore, selection: Selection, *, archive_dir: Path, dry_run: bool,

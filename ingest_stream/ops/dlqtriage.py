@@ -118,7 +118,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         if args.json:
             write_json(result, out)
         else:
-            verdict = "OK" if result["ok"] else "MISMATCH"
+            verdict = "OK" if result["ok"] else f"FAILED: {result['problem']}"
             print(f"{result['archive']}: {verdict} ({result['records']} records)", file=out)
         return 0 if result["ok"] else 1
     settings = Settings.from_env()

@@ -156,6 +156,16 @@ class WorkerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def run_tool(worker: WorkerProcess, module: str, *args: str, json_output: bool = True,
+             expect_exit: int = 0) -> Any:
+    """An operator's command (`python -m module args`) as its own process, with the worker's
+    environment; its JSON output decoded (or the text)."""
+    done = subprocess.run([sys.executable, "-m", module, *args], env={**os.environ, **worker.env},
+                          capture_output=True, timeout=180, check=False, cwd=PROJECT_ROOT)
+    assert done.returncode == expect_exit, done.stderr.decode() + done.stdout.decode()
+    return json.loads(done.stdout) if json_output else done.stdout.decode() + done.stderr.decode()
+
+
 def worker_env(stack: DevStack, prefix: str, data_dir: Path, **overrides: str) -> dict[str, str]:
     return {
         **stack.settings_env(),

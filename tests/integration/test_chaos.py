@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from collections import Counter
 from typing import Any
 
@@ -15,7 +12,7 @@ import pytest
 from ingest_stream.ops.devstack import DevStack
 from ingest_stream.stream.watchdog import STALL_EXIT_CODE
 from tests.dataset import Dataset, v2
-from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually, headers_of
+from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually, headers_of, run_tool
 from tests.integration.test_pipeline import (
     LIMIT,
     assert_sinks_hold,
@@ -138,12 +135,7 @@ def test_a_sink_down_with_dlq_policy_dead_letters_its_records_and_a_redrive_comp
 
 
 def dlqtriage(worker: WorkerProcess, *args: str) -> Any:
-    """The operator's command, as a separate process with the worker's environment."""
-    done = subprocess.run([sys.executable, "-m", "ingest_stream.ops.dlqtriage", *args],
-                          env={**os.environ, **worker.env}, capture_output=True, timeout=120,
-                          check=False)
-    assert done.returncode == 0, done.stderr.decode()
-    return json.loads(done.stdout)
+    return run_tool(worker, "ingest_stream.ops.dlqtriage", *args)
 
 
 def _dlq_positions(kafka: Kafka, prefix: str) -> Counter[tuple[str, int, int, str]]:

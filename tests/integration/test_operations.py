@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from ingest_stream.ops.devstack import DevStack
 from tests.dataset import v2
-from tests.integration.harness import PROJECT_ROOT, Kafka, SinkReader, WorkerProcess, eventually
+from tests.integration.harness import PROJECT_ROOT, Kafka, SinkReader, WorkerProcess, eventually, run_tool
 from tests.integration.test_pipeline import source_topics
 
 TOKEN = "test-admin-token"
@@ -193,10 +191,7 @@ def test_metrics_scrape_passes_promtool(make_worker, kafka: Kafka, prefix: str) 
 
 
 def ingest_stream(worker: WorkerProcess, *args: str, json_output: bool = True) -> Any:
-    done = subprocess.run([sys.executable, "-m", "ingest_stream.cli", *args],
-                          env={**os.environ, **worker.env}, capture_output=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr.decode()
-    return json.loads(done.stdout) if json_output else done.stdout.decode()
+    return run_tool(worker, "ingest_stream.cli", *args, json_output=json_output)
 
 
 def _assert_rows(sinks: SinkReader, tenant: str, count: int) -> None:
