@@ -75,6 +75,7 @@ class Settings:
     backpressure_cool_down_s: float = 30.0
     throttle_rate: float = 1000.0  # source records per second while throttled
     brownout_rate: float = 0.1  # share of low-priority records kept in an automatic brownout
+    replay_approval_threshold: int = 10_000  # replays estimated above this many records need an RFA
     max_concurrent_sink_writes: int = 3  # sink batches in flight at once, across the sinks
     disabled_sources: tuple[str, ...] = ()  # isolated at start; /admin/sources/<s>/enable undoes it
     log_level: str = "info"
@@ -126,6 +127,14 @@ class Settings:
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic_prefix}.dlq"
+
+    @property
+    def replay_plans_topic(self) -> str:
+        return f"{self.topic_prefix}.replay.plans"
+
+    @property
+    def legal_holds_topic(self) -> str:
+        return f"{self.topic_prefix}.legal.holds"
 
 
 def _parse(name: str, raw: str, hint: Any) -> Any:

@@ -20,6 +20,7 @@ class Write:
     may_rewrite_equal: bool = False
     origin_tp: str | None = None  # where the record entered the pipeline: "topic:partition"
     origin_offset: int | None = None
+    replayed: bool = False  # re-sent history: an older revision here is expected, not a failure
 
     @property
     def key(self) -> str:

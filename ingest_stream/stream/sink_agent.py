@@ -15,7 +15,7 @@ from typing import Any
 
 from faust.types import EventT
 
-from ingest_stream.core.dlq import read_origin, reprocessed
+from ingest_stream.core.dlq import REPLAY_HEADER, header_value, read_origin, reprocessed
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.schemas import RecordValidator, Rejected
 from ingest_stream.core.timefmt import epoch_ms
@@ -54,13 +54,17 @@ class SinkProcessor:
             origin = read_origin(headers)
             write = Write(verdict.record, may_rewrite_equal=reprocessed(headers),
                           origin_tp=f"{origin.topic}:{origin.partition}" if origin else None,
-                          origin_offset=origin.offset if origin else None)
+                          origin_offset=origin.offset if origin else None,
+                          replayed=header_value(headers, REPLAY_HEADER) is not None)
             writes.append(write)
             event_of[id(write)] = event
 
         async with self._gate.sink_slots:  # bounded sink concurrency across the sink agents
             outcome = await self.sink.apply(writes)
 
+        replayed_history = [w for w in outcome.older if w.replayed]
+        outcome.skipped += replayed_history  # a replay re-sends history: older is expected there
+        outcome.older = [w for w in outcome.older if not w.replayed]
         for write in outcome.older:
             deliveries.append(await self._dead_letters.publish(
                 event_of[id(write)], reason=Reason.OLDER_REVISION, stage=self.stage,
