@@ -111,19 +111,18 @@ async def make_plan(settings: Settings, *, tenant: str, from_ms: int, to_ms: int
     await consumer.start()
     try:
         existing = await consumer.topics()
-        ranges: dict[str, tuple[int, int | None]] = {}  # None: up to the first record at/after --to
+        starts: dict[str, int] = {}  # "topic:partition" -> offset to start reading from
         for source in sources:
             topic = settings.source_topic(source)
             if topic not in existing:
                 continue
             tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-            starts = await consumer.offsets_for_times({tp: from_ms for tp in tps})
-            stops = await consumer.offsets_for_times({tp: to_ms for tp in tps})
+            found = await consumer.offsets_for_times({tp: from_ms for tp in tps})
             for tp in tps:
-                start, stop = starts[tp], stops[tp]
-                if start is not None:  # else nothing at or after --from
-                    ranges[f"{topic}:{tp.partition}"] = (start.offset, stop.offset if stop else None)
-        counted = await _count(consumer, ranges, tenant=tenant, to_ms=to_ms, progress=progress)
+                if found[tp] is not None:  # else nothing at or after --from
+                    starts[f"{topic}:{tp.partition}"] = found[tp].offset
+        counted = await _count(consumer, starts, tenant=tenant, from_ms=from_ms, to_ms=to_ms,
+                               progress=progress)
     finally:
         await consumer.stop()
     plan = new_plan(plan_id=f"rp-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(3)}", tenant=tenant,
@@ -141,35 +140,43 @@ class _Counted:
     estimate: dict[str, int] = field(default_factory=dict)  # the tenant's records per source
 
 
-async def _count(consumer: AIOKafkaConsumer, ranges: dict[str, tuple[int, int | None]], *, tenant: str,
+async def _count(consumer: AIOKafkaConsumer, starts: dict[str, int], *, tenant: str, from_ms: int,
                  to_ms: int, progress: Callable[[int], None]) -> _Counted:
-    """Read each range once: its exact end (the first offset at or after `to_ms`, or one past the
-    last record) and the tenant's records in it, per source."""
+    """Read each partition from its start once: the exact range [first record at or after
+    `from_ms`, first record at or after `to_ms`) and the tenant's records in it, per source.
+
+    offsets_for_times only says where to start reading: some brokers answer it per batch (Tansu
+    returns a batch's base offset, even for a time past the batch), so the timestamps decide.
+    """
     counted = _Counted()
     scanned = 0
-    for key, (start, stop) in ranges.items():
+    for key, start in starts.items():
         topic, partition = key.rsplit(":", 1)
         source = topic.rsplit(".", 1)[-1]
         tp = TopicPartition(topic, int(partition))
         consumer.assign([tp])
         consumer.seek(tp, start)
-        end = start
-        while stop is None or end < stop:
+        first: int | None = None
+        end: int | None = None
+        while end is None:
             batch = (await consumer.getmany(tp, timeout_ms=FETCH_WAIT_MS, max_records=1000)).get(tp, [])
             if not batch:
                 break
-            in_range = [r for r in batch if (stop is None or r.offset < stop) and r.timestamp < to_ms]
-            for record in in_range:
-                if record_tenant(record.value) == tenant:
-                    counted.estimate[source] = counted.estimate.get(source, 0) + 1
-            if in_range:
-                end = in_range[-1].offset + 1
             scanned += len(batch)
             progress(scanned)
-            if len(in_range) < len(batch):
-                break
-        if end > start:
-            counted.ranges[key] = (start, end)
+            for record in batch:
+                if record.timestamp >= to_ms:
+                    end = record.offset
+                    break
+                if record.timestamp < from_ms:
+                    continue
+                first = record.offset if first is None else first
+                if record_tenant(record.value) == tenant:
+                    counted.estimate[source] = counted.estimate.get(source, 0) + 1
+            else:
+                last = batch[-1].offset + 1
+        if first is not None:
+            counted.ranges[key] = (first, end if end is not None else last)
     return counted
 
 

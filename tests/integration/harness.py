@@ -191,8 +191,9 @@ class Kafka:
             future.result(30)
 
     def produce(self, topic: str, messages: Sequence[tuple[bytes | None, bytes]],
-                headers: Sequence[tuple[str, bytes]] = ()) -> list[tuple[int, int]]:
-        """Send in order; return each message's (partition, offset)."""
+                headers: Sequence[tuple[str, bytes]] = (), timestamps_ms: Sequence[int] | None = None
+                ) -> list[tuple[int, int]]:
+        """Send in order (with these record timestamps, if given); return each (partition, offset)."""
         producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": False,
                              "linger.ms": 5, "message.max.bytes": 4_000_000})
         positions: list[tuple[int, int] | None] = [None] * len(messages)
@@ -204,8 +205,9 @@ class Kafka:
             return callback
 
         for index, (key, value) in enumerate(messages):
+            stamp = {"timestamp": timestamps_ms[index]} if timestamps_ms is not None else {}
             producer.produce(topic, value=value, key=key, headers=list(headers),
-                             on_delivery=delivered(index))
+                             on_delivery=delivered(index), **stamp)
             producer.poll(0)
         assert producer.flush(60) == 0
         assert all(p is not None for p in positions)
