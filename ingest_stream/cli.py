@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def run_lag(args: argparse.Namespace) -> int:
     from ingest_stream.ops.lag import LagProbe
     from ingest_stream.ops.output import format_table, write_json
 
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its connection errors reach us anyway
     settings = Settings.from_env()
     group = args.group or settings.app_id
     topics = args.topic or [settings.source_topic(s) for s in SOURCES] + [
@@ -54,8 +56,8 @@ def run_lag(args: argparse.Namespace) -> int:
 
     async def measure() -> list:  # type: ignore[type-arg]
         probe = LagProbe(settings.kafka_bootstrap, group)
-        await probe.start()
         try:
+            await probe.start()
             return await probe.measure(topics)
         finally:
             await probe.stop()

@@ -154,3 +154,14 @@ def mixed_dataset(prefix: str, *, max_record_bytes: int, entities: int = 30) -> 
     legacy_bad = {"tenant": acme, "source": "kafka", "id": "legacy-bad", "rev": 0, "ts": "2024-12-31"}
     data.add_bad(json.dumps(legacy_bad).encode(), drift, "validate")  # v1 without `data`
     return data
+
+
+def with_bulk_tenant(data: Dataset, tenant: str, *, revisions: int, entities: int = 1500) -> Dataset:
+    """Add a tenant whose entities each get `revisions` revisions in order, linked in a chain:
+    enough records that a worker is still busy when a test kills it."""
+    data.tenants = (*data.tenants, tenant)
+    for revision in range(revisions):
+        for entity in range(entities):
+            links = [{"rel": "NEXT", "to": f"e-{entity + 1}"}]
+            data.add_record(v2(tenant, f"e-{entity}", revision, links=links))
+    return data

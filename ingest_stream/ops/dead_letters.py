@@ -95,7 +95,11 @@ class DeadLetterStore:
     async def open_producer(self) -> AIOKafkaProducer:
         await ensure_topic(self.bootstrap, self.status_topic, configs={"cleanup.policy": "compact"})
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
         return producer
 
 

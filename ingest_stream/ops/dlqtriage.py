@@ -5,8 +5,6 @@ commands). The work is done in `ops/dead_letters.py`; this module parses and pri
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +28,7 @@ from ingest_stream.ops.dead_letters import (
     verify_archive,
 )
 from ingest_stream.ops.kafka_io import ToolError
-from ingest_stream.ops.output import format_table, write_json
+from ingest_stream.ops.output import format_table, run_command, write_json
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -218,15 +216,8 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return asyncio.run(run(args, sys.stdout))
-    except (ToolError, KafkaError, OSError) as error:
-        print(f"dlqtriage: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ndlqtriage: interrupted; statuses of what was acknowledged are saved", file=sys.stderr)
-        return 130
+    return run_command("dlqtriage", lambda: run(args, sys.stdout), errors=(ToolError, KafkaError, OSError),
+                       interrupted="statuses of what was acknowledged are saved")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ class ToolError(RuntimeError):
 async def ensure_topic(bootstrap: str, name: str, *, partitions: int = 1,
                        configs: dict[str, str] | None = None) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
     try:
+        await admin.start()
         response = await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs or {})])
         for topic, code, *message in response.topic_errors:
             if code not in (0, TOPIC_ALREADY_EXISTS):
@@ -38,8 +38,8 @@ async def scan(bootstrap: str, topic: str) -> AsyncIterator[ConsumerRecord[Any, 
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest", group_id=None)
-    await consumer.start()
     try:
+        await consumer.start()
         if topic not in await consumer.topics():
             return
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TextIO
 
 import orjson
@@ -17,3 +20,18 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 def write_json(document: Any, out: TextIO) -> None:
     out.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def run_command(prog: str, main: Callable[[], Coroutine[Any, Any, int]], *,
+                errors: tuple[type[BaseException], ...], interrupted: str) -> int:
+    """Run a tool's coroutine; an expected failure is one line on stderr and exit 1, Ctrl-C 130."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its connection errors reach us anyway
+    try:
+        return asyncio.run(main())
+    except errors as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; {interrupted}", file=sys.stderr)
+        return 130

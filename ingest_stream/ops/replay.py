@@ -55,8 +55,8 @@ class CompactedStore:
     async def put(self, key: str, value: bytes | None) -> None:
         await ensure_topic(self.bootstrap, self.topic, configs={"cleanup.policy": "compact"})
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
-        await producer.start()
         try:
+            await producer.start()
             await producer.send_and_wait(self.topic, key=key.encode(), value=value)
         finally:
             await producer.stop()
@@ -108,8 +108,8 @@ async def make_plan(settings: Settings, *, tenant: str, from_ms: int, to_ms: int
         raise PlanError(f"tenant {tenant} is under a legal hold: replays are blocked")
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                                 enable_auto_commit=False)
-    await consumer.start()
     try:
+        await consumer.start()
         existing = await consumer.topics()
         starts: dict[str, int] = {}  # "topic:partition" -> offset to start reading from
         for source in sources:
@@ -199,9 +199,9 @@ class Runner:
         consumer = AIOKafkaConsumer(bootstrap_servers=self._settings.kafka_bootstrap, group_id=None,
                                     enable_auto_commit=False)
         producer = AIOKafkaProducer(bootstrap_servers=self._settings.kafka_bootstrap, acks="all", linger_ms=5)
-        await consumer.start()
-        await producer.start()
         try:
+            await consumer.start()
+            await producer.start()
             plan = await self._replay(plan, consumer, producer)
         except PlanError as stop:
             plan = plan.failed(str(stop), at=now_text())

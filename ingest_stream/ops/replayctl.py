@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
-import logging
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -25,7 +23,7 @@ from ingest_stream.config import SOURCES, Settings
 from ingest_stream.core.replay import PlanError, ReplayPlan
 from ingest_stream.core.timefmt import epoch_ms, format_rfc3339
 from ingest_stream.ops.kafka_io import ToolError
-from ingest_stream.ops.output import format_table, write_json
+from ingest_stream.ops.output import format_table, run_command, write_json
 from ingest_stream.ops.replay import LegalHolds, Plans, Runner, make_plan, now_text
 
 
@@ -166,16 +164,9 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return asyncio.run(run(args, sys.stdout))
-    except (PlanError, ToolError, KafkaError, OSError) as error:
-        print(f"replayctl: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nreplayctl: interrupted; `replayctl run --plan <id>` resumes from the last checkpoint",
-              file=sys.stderr)
-        return 130
+    return run_command("replayctl", lambda: run(args, sys.stdout),
+                       errors=(PlanError, ToolError, KafkaError, OSError),
+                       interrupted="`replayctl run --plan <id>` resumes from the last checkpoint")
 
 
 if __name__ == "__main__":

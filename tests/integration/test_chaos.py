@@ -11,7 +11,7 @@ import pytest
 
 from ingest_stream.ops.devstack import DevStack
 from ingest_stream.stream.watchdog import STALL_EXIT_CODE
-from tests.dataset import Dataset, v2
+from tests.dataset import Dataset, v2, with_bulk_tenant
 from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually, headers_of, run_tool
 from tests.integration.test_pipeline import (
     LIMIT,
@@ -246,11 +246,7 @@ def test_kill_loop_sigkill_at_random_moments_loses_nothing_and_writes_nothing_ol
         kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
     data = mixed_dataset(prefix, max_record_bytes=LIMIT)
     loop = f"{prefix}-loop"
-    data.tenants = (*data.tenants, loop)
-    for revision in range(6):
-        for entity in range(1500):
-            links = [{"rel": "NEXT", "to": f"e-{entity + 1}"}]
-            data.add_record(v2(loop, f"e-{entity}", revision, links=links))
+    with_bulk_tenant(data, loop, revisions=6)
     source = f"{prefix}.source.kafka"
     kafka.create_topics(source_topics(prefix))
     worker: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT), INGEST_STALL_TIMEOUT_S="20",

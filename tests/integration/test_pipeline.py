@@ -10,7 +10,7 @@ from typing import Any
 from ingest_stream.config import SOURCES
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.stream.watchdog import STALL_EXIT_CODE
-from tests.dataset import SINKS, Dataset, mixed_dataset, v2
+from tests.dataset import SINKS, Dataset, mixed_dataset, v2, with_bulk_tenant
 from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually, headers_of
 
 LIMIT = 64 * 1024
@@ -123,11 +123,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka: Kafka, sinks: Sink
                                                        prefix: str) -> None:
     data = mixed_dataset(prefix, max_record_bytes=LIMIT)
     bulk = f"{prefix}-bulk"
-    data.tenants = (*data.tenants, bulk)
-    for revision in range(8):
-        for entity in range(1500):
-            links = [{"rel": "NEXT", "to": f"e-{entity + 1}"}]
-            data.add_record(v2(bulk, f"e-{entity}", revision, links=links))
+    with_bulk_tenant(data, bulk, revisions=8)
     kafka.create_topics(source_topics(prefix))
     worker: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT), INGEST_STALL_TIMEOUT_S="20",
                                         INGEST_STALL_CHECK_INTERVAL_S="2")
