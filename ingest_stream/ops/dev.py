@@ -33,8 +33,9 @@ def run_dev(root: Path, *, demo_rate: float) -> int:
     print(f"starting the embedded stack under {stack.root} ...", flush=True)
     stack.start()
     web_port = _port(defaults.web_port)
-    env = {**os.environ, **stack.settings_env(), "INGEST_WEB_PORT": str(web_port),
-           "INGEST_DATA_DIR": str(stack.root / "worker-data")}
+    # An admin token of its own, unless one is set, so the admin routes can be tried.
+    env = {"INGEST_ADMIN_TOKEN": DEV_ADMIN_TOKEN, **os.environ, **stack.settings_env(),
+           "INGEST_WEB_PORT": str(web_port), "INGEST_DATA_DIR": str(stack.root / "worker-data")}
     worker = subprocess.Popen([sys.executable, "-m", "ingest_stream.cli", "worker"], env=env)
     settings = Settings.from_env(env)
     print(_banner(stack, settings), flush=True)
@@ -55,6 +56,9 @@ def run_dev(root: Path, *, demo_rate: float) -> int:
     return worker.returncode or 0
 
 
+DEV_ADMIN_TOKEN = "dev-admin-token"
+
+
 async def _demo_producer(settings: Settings, rate: float, worker: subprocess.Popen[bytes]) -> None:
     """A trickle of synthetic records until Ctrl-C (or until the worker exits)."""
     values = (orjson.dumps(r) for r in synthetic_records(10**9, entities=200))
@@ -71,7 +75,10 @@ def _banner(stack: DevStack, settings: Settings) -> str:
         f"  postgres   {stack.postgres_dsn}",
         f"  graph      {stack.neo4j_uri} (FalkorDB over Bolt)",
         f"  typesense  {stack.typesense_url}  (api key {stack.typesense_api_key})",
-        f"  worker     http://127.0.0.1:{settings.web_port}/health  /metrics",
+        f"  worker     http://127.0.0.1:{settings.web_port}/health  /health/detailed  /metrics",
+        f"  admin      curl -X POST -H 'Authorization: Bearer {settings.admin_token}' "
+        f"http://127.0.0.1:{settings.web_port}/admin/drain   (then /admin/resume)",
+        "  tools      .venv/bin/ingest-stream lag · .venv/bin/dlqtriage summary · .venv/bin/replayctl list",
         "  to point other commands at this stack:",
         *(f"    export {k}={v!r}" for k, v in stack.settings_env().items()),
     ])
