@@ -6,6 +6,8 @@ A server that cannot start fails the suite; it never skips.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +21,16 @@ from tests.integration.harness import AUDIT_SQL, Kafka, SinkReader, WorkerProces
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
-    with DevStack(tmp_path_factory.mktemp("stack")) as running:
-        asyncio.run(_prepare_postgres(running.postgres_dsn))
-        yield running
+def stack() -> Iterator[DevStack]:
+    # Not under pytest's own temp dir: PostgreSQL runs as another user, which must traverse to its
+    # data, and every new pytest session (a unit-test run alongside, say) resets that dir to 0700.
+    root = Path(tempfile.mkdtemp(prefix="ingest-stack-"))
+    try:
+        with DevStack(root) as running:
+            asyncio.run(_prepare_postgres(running.postgres_dsn))
+            yield running
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _prepare_postgres(dsn: str) -> None:
