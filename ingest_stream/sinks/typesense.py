@@ -9,17 +9,23 @@ revisions stay rejected after a delete.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlparse
 
+import httpx
 import typesense
 from typesense import exceptions as ts_errors
 
+from ingest_stream.core.backoff import parse_retry_after
+from ingest_stream.core.reasons import Reason
 from ingest_stream.core.revision import Version
 from ingest_stream.core.timefmt import epoch_ms
+from ingest_stream.errors import SinkError
 from ingest_stream.sinks.base import Write, translated_errors
-from ingest_stream.sinks.errors import classifier
+from ingest_stream.sinks.errors import HTTP_TOO_MANY_REQUESTS, classifier
 
 log = logging.getLogger(__name__)
 _classify = classifier("typesense")
@@ -70,8 +76,14 @@ class ImportRejected(ts_errors.ObjectUnprocessable):
 class TypesenseSink:
     name = "typesense"
 
-    def __init__(self, url: str, *, api_key: str, timeout_s: float) -> None:
+    def __init__(self, url: str, *, api_key: str, timeout_s: float,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         parsed = urlparse(url)
+        # Our own HTTP client: the typesense client raises on a 429 without its headers, and the
+        # server's Retry-After is read here, on the way through.
+        self._retry_after_s: float | None = None
+        self._http = httpx.AsyncClient(timeout=timeout_s, transport=transport,
+                                       event_hooks={"response": [self._note_retry_after]})
         self._client = typesense.AsyncClient({
             "nodes": [{"host": parsed.hostname or "127.0.0.1", "port": parsed.port or 8108,
                        "protocol": parsed.scheme or "http"}],
@@ -79,10 +91,27 @@ class TypesenseSink:
             "connection_timeout_seconds": timeout_s,
             "num_retries": 0,  # retries are ours (backoff + circuit), not the client's
             "healthcheck_interval_seconds": 1,  # one node: never sit out a recovered server
-        })
+        }, http_client=self._http)
+
+    async def _note_retry_after(self, response: httpx.Response) -> None:
+        if response.status_code == HTTP_TOO_MANY_REQUESTS:
+            header = response.headers.get("Retry-After")
+            self._retry_after_s = parse_retry_after(header, now=datetime.now(UTC))
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """The sink boundary (translated_errors), plus the server's Retry-After on a rate limit."""
+        self._retry_after_s = None
+        try:
+            with translated_errors(_classify):
+                yield
+        except SinkError as error:
+            if error.reason is Reason.RATE_LIMITED and self._retry_after_s is not None:
+                error.retry_after_s = self._retry_after_s
+            raise
 
     async def open(self) -> None:
-        with translated_errors(_classify):
+        with self._errors():
             await self._ensure_collections()
 
     async def _ensure_collections(self) -> None:
@@ -98,9 +127,10 @@ class TypesenseSink:
 
     async def close(self) -> None:
         await self._client.api_call.aclose()
+        await self._http.aclose()
 
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
-        with translated_errors(_classify):
+        with self._errors():
             return await self._current_revisions(keys)
 
     async def _current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
@@ -127,7 +157,7 @@ class TypesenseSink:
         return found
 
     async def write(self, writes: Sequence[Write]) -> None:
-        with translated_errors(_classify):
+        with self._errors():
             await self._write(writes)
 
     async def _write(self, writes: Sequence[Write]) -> None:

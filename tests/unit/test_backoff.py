@@ -30,3 +30,17 @@ def test_attempts_are_bounded():
     policy = BackoffPolicy(max_attempts=3)
     assert not policy.exhausted(2)
     assert policy.exhausted(3)
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date():
+    from datetime import UTC, datetime
+
+    from ingest_stream.core.backoff import parse_retry_after
+
+    now = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("7", now=now) == 7.0
+    assert parse_retry_after("Tue, 24 Nov 2026 12:00:30 GMT", now=now) == 30.0
+    assert parse_retry_after("Tue, 24 Nov 2026 11:00:00 GMT", now=now) == 0.0  # past: no wait
+    assert parse_retry_after(None, now=now) is None
+    assert parse_retry_after("soon", now=now) is None
+    assert parse_retry_after("", now=now) is None
