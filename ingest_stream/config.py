@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from ingest_stream.core.backpressure import Thresholds
+from ingest_stream.core.webhook import parse_auth
 from ingest_stream.errors import ConfigError
 
 KNOWN_SINKS = ("postgres", "neo4j", "typesense")
@@ -31,18 +32,18 @@ class Settings:
     topic_prefix: str = "ingest"
     partitions: int = 4
     sinks: tuple[str, ...] = KNOWN_SINKS
-    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    postgres_dsn: str = field(default="postgresql://postgres@127.0.0.1:5432/postgres", repr=False)
     neo4j_uri: str = "bolt://127.0.0.1:7687"
     neo4j_user: str = "neo4j"
-    neo4j_password: str = ""
+    neo4j_password: str = field(default="", repr=False)
     neo4j_batch_size: int = 200
     neo4j_max_request_bytes: int = 0  # 0: no limit (the FalkorDB stand-in needs ~3 KB)
     neo4j_concurrency: int = 1  # 1: one transaction per batch
     neo4j_flavor: str = "neo4j"  # "falkordb": the Bolt stand-in (no constraints, see infra.md)
     typesense_url: str = "http://127.0.0.1:8108"
-    typesense_api_key: str = "dev-typesense-key"
+    typesense_api_key: str = field(default="dev-typesense-key", repr=False)
     sink_failure_policy: str = "hold"
-    admin_token: str | None = None
+    admin_token: str | None = field(default=None, repr=False)
     web_host: str = "0.0.0.0"
     web_port: int = 8080
     data_dir: Path = Path("./data")
@@ -77,6 +78,10 @@ class Settings:
     brownout_rate: float = 0.1  # share of low-priority records kept in an automatic brownout
     replay_approval_threshold: int = 10_000  # replays estimated above this many records need an RFA
     max_concurrent_sink_writes: int = 3  # sink batches in flight at once, across the sinks
+    # Webhook source: {"tenant": {"token": "…"} | {"hmac_secret": "…"}} (core/webhook.py)
+    webhook_auth: str = field(default="", repr=False)
+    webhook_max_body_bytes: int = 1_048_576
+    webhook_signature_window_s: float = 300.0
     disabled_sources: tuple[str, ...] = ()  # isolated at start; /admin/sources/<s>/enable undoes it
     log_level: str = "info"
 
@@ -86,6 +91,10 @@ class Settings:
             raise ConfigError(f"INGEST_SINKS: unknown sink(s) {sorted(unknown)}; known: {KNOWN_SINKS}")
         if self.sink_failure_policy not in FAILURE_POLICIES:
             raise ConfigError(f"INGEST_SINK_FAILURE_POLICY must be one of {FAILURE_POLICIES}")
+        try:
+            parse_auth(self.webhook_auth)
+        except ValueError as error:
+            raise ConfigError(f"INGEST_WEBHOOK_AUTH: {error}") from None
         if set(self.disabled_sources) - set(SOURCES):
             raise ConfigError(f"INGEST_DISABLED_SOURCES: unknown source(s); known: {SOURCES}")
         try:

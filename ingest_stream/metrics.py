@@ -60,3 +60,9 @@ class Metrics:
         self.last_sink_commit = Gauge(
             "ingest_last_sink_commit_timestamp_seconds", "When a sink last committed a batch.",
             ["sink"], registry=r)
+        self.adapter_records = Counter(
+            "ingest_adapter_records_total", "Records a source adapter wrote to its source topic.",
+            ["source"], registry=r)
+        self.webhook_requests = Counter(
+            "ingest_webhook_requests_total", "Webhook requests, by HTTP status answered.",
+            ["status"], registry=r)

@@ -34,7 +34,8 @@ def run_dev(root: Path, *, demo_rate: float) -> int:
     stack.start()
     web_port = _port(defaults.web_port)
     # An admin token of its own, unless one is set, so the admin routes can be tried.
-    env = {"INGEST_ADMIN_TOKEN": DEV_ADMIN_TOKEN, **os.environ, **stack.settings_env(),
+    env = {"INGEST_ADMIN_TOKEN": DEV_ADMIN_TOKEN, "INGEST_WEBHOOK_AUTH": DEV_WEBHOOK_AUTH,
+           **os.environ, **stack.settings_env(),
            "INGEST_WEB_PORT": str(web_port), "INGEST_DATA_DIR": str(stack.root / "worker-data")}
     worker = subprocess.Popen([sys.executable, "-m", "ingest_stream.cli", "worker"], env=env)
     settings = Settings.from_env(env)
@@ -57,6 +58,8 @@ def run_dev(root: Path, *, demo_rate: float) -> int:
 
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
+DEV_WEBHOOK_AUTH = ('{"tenant-0": {"token": "dev-webhook-token"}, '
+                    '"tenant-1": {"hmac_secret": "dev-webhook-secret"}}')
 
 
 async def _demo_producer(settings: Settings, rate: float, worker: subprocess.Popen[bytes]) -> None:
@@ -78,6 +81,8 @@ def _banner(stack: DevStack, settings: Settings) -> str:
         f"  worker     http://127.0.0.1:{settings.web_port}/health  /health/detailed  /metrics",
         f"  admin      curl -X POST -H 'Authorization: Bearer {settings.admin_token}' "
         f"http://127.0.0.1:{settings.web_port}/admin/drain   (then /admin/resume)",
+        f"  webhook    curl -X POST -H 'X-Tenant: tenant-0' -H 'Authorization: Bearer dev-webhook-token' "
+        f"-d @records.json http://127.0.0.1:{settings.web_port}/ingest/webhook",
         "  tools      .venv/bin/ingest-stream lag · .venv/bin/dlqtriage summary · .venv/bin/replayctl list",
         "  to point other commands at this stack:",
         *(f"    export {k}={v!r}" for k, v in stack.settings_env().items()),

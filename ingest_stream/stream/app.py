@@ -31,6 +31,7 @@ from ingest_stream.stream.source_agent import SourceProcessor
 from ingest_stream.stream.tables import declare_tables, evict_expired
 from ingest_stream.stream.topics import Topics, declare_topics
 from ingest_stream.stream.watchdog import install_watchdog
+from ingest_stream.stream.webhook import install_webhook
 
 log = logging.getLogger(__name__)
 BatchHandler = Callable[[list[EventT[Any]]], Awaitable[None]]
@@ -84,6 +85,8 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         # batches to finish and ack before partitions move, the safer order for our manual acks.
         # An agent that raises leaves unacked records behind it: stop the worker, don't limp on.
         "agent_supervisor": mode.CrashingSupervisor,
+        # Bodies past the webhook limit get our own 413 (with a message), not aiohttp's.
+        "web_application_options": {"client_max_size": settings.webhook_max_body_bytes + 1},
     }
     if settings.kafka_session_timeout_s is not None:
         options["broker_session_timeout"] = settings.kafka_session_timeout_s
@@ -144,6 +147,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     _backpressure_timer(app, settings, backpressure)
     _views(app, pipeline)
     install_admin_routes(app, settings, backpressure)
+    install_webhook(app, settings, topics.sources["webhook"], backpressure, metrics)
     return app
 
 

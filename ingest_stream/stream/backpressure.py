@@ -35,10 +35,13 @@ class BackpressureController:
         self._random = random
         self.machine = Backpressure(settings.backpressure_thresholds(), clock())
         self._bucket = TokenBucket(settings.throttle_rate, burst=max(1.0, settings.throttle_rate))
+        # Intake (webhook) has its own bucket: a record should not pay twice, at intake and processing.
+        self._intake_bucket = TokenBucket(settings.throttle_rate, burst=max(1.0, settings.throttle_rate))
         self.disabled: set[str] = set(settings.disabled_sources)
         self.source_topics = {settings.source_topic(s): s for s in SOURCES}
         self.sink_topics = {settings.sink_topic(s): s for s in settings.sinks}
         self.lags: list[PartitionLag] = []
+        self.adapter_health: dict[str, dict[str, Any]] = {}  # per source, kept by its adapter
         self.measured_at: float | None = None  # time.time() of the last lag measurement
         self.sink_slots = asyncio.Semaphore(settings.max_concurrent_sink_writes)
         self._resumed = asyncio.Event()
@@ -149,6 +152,17 @@ class BackpressureController:
         if source and self.machine.state is State.THROTTLED:
             await asyncio.sleep(self._bucket.reserve(self._clock(), records))
 
+    def input_retry_after(self, records: int) -> float | None:
+        """For adapters taking records in (webhook): None to accept, else seconds to come back.
+        Drain and pause take nothing new; throttled admits at the token bucket's rate."""
+        state = self.machine.state
+        if state in (State.DRAIN, State.PAUSED):
+            return 30.0
+        if state is State.THROTTLED:
+            wait = self._intake_bucket.take(self._clock(), records)
+            return wait if wait > 0 else None
+        return None
+
     def keeps(self, source: str, priority: str) -> bool:
         if self.machine.keeps(priority, self._random()):
             return True
@@ -183,6 +197,7 @@ class BackpressureController:
                 "enabled": source not in self.disabled,
                 "lag_records": sum(lag.records for lag in mine),
                 "lag_seconds": round(max((lag.seconds for lag in mine), default=0.0), 3),
+                **self.adapter_health.get(source, {}),
             }
         return found
 

@@ -1,0 +1,104 @@
+"""Issue 6: source adapters. The webhook, through HTTP, into the sinks."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from ingest_stream.core.webhook import sign
+from tests.dataset import v2
+from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually
+from tests.integration.test_pipeline import source_topics
+
+ADMIN = "admin-token"
+
+
+def post(worker: WorkerProcess, body: bytes, *, tenant: str | None = None,
+         content_type: str = "application/json", **headers: str) -> tuple[int, Any, dict[str, str]]:
+    url = f"http://127.0.0.1:{worker.web_port}/ingest/webhook"
+    request = urllib.request.Request(url, data=body, method="POST")
+    request.add_header("Content-Type", content_type)
+    if tenant is not None:
+        request.add_header("X-Tenant", tenant)
+    for name, value in headers.items():
+        request.add_header(name.replace("_", "-"), value)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null"), dict(error.headers)
+
+
+def batch(tenant: str, start: int, count: int) -> list[dict[str, Any]]:
+    return [{**v2(tenant, f"w{i}", 1), "source": "webhook"} for i in range(start, start + count)]
+
+
+def test_webhook_accepts_framed_authenticated_records_and_refuses_the_rest_without_crashing(
+        kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
+    bearer, signed = f"{prefix}-bearer", f"{prefix}-signed"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(
+        INGEST_ADMIN_TOKEN=ADMIN, INGEST_WEBHOOK_MAX_BODY_BYTES="20000",
+        INGEST_WEBHOOK_AUTH=json.dumps({bearer: {"token": "tok"}, signed: {"hmac_secret": "sec"}}))
+    worker.start()
+    auth = {"Authorization": "Bearer tok"}
+
+    # Accepted: a JSON array, a single object, JSON lines with an HMAC signature.
+    status, body, _ = post(worker, json.dumps(batch(bearer, 0, 20)).encode(), tenant=bearer, **auth)
+    assert (status, body["accepted"]) == (202, 20)
+    assert post(worker, json.dumps(batch(bearer, 20, 1)[0]).encode(), tenant=bearer, **auth)[0] == 202
+    lines = "\n".join(json.dumps(r) for r in batch(signed, 0, 10)).encode()
+    stamp = str(int(time.time()))
+    status, body, _ = post(worker, lines, tenant=signed, content_type="application/x-ndjson",
+                           X_Signature=sign("sec", stamp, lines), X_Signature_Timestamp=stamp)
+    assert (status, body["accepted"]) == (202, 10)
+
+    # Refused, each with its status and a message; none of it reaches Kafka.
+    one = json.dumps(batch(bearer, 100, 1)).encode()
+    assert post(worker, one, tenant=bearer)[0] == 401
+    assert post(worker, one, tenant=bearer, Authorization="Bearer wrong")[0] == 401
+    assert post(worker, one, Authorization="Bearer tok")[0] == 401  # no tenant named
+    old = str(int(time.time()) - 3600)
+    stale = {"X_Signature": sign("sec", old, lines), "X_Signature_Timestamp": old}
+    assert post(worker, lines, tenant=signed, **stale)[0] == 403
+    other = json.dumps(batch(signed, 100, 1)).encode()
+    status, body, _ = post(worker, other, tenant=bearer, **auth)
+    assert status == 403 and "another tenant" in body["error"]
+    status, body, _ = post(worker, b'{"tenant": ', tenant=bearer, **auth)
+    assert status == 400 and "not JSON" in body["error"]
+    status, body, _ = post(worker, b"[1, 2]", tenant=bearer, **auth)
+    assert status == 400 and "item 0" in body["error"]
+    status, body, _ = post(worker, json.dumps(batch(bearer, 200, 200)).encode(), tenant=bearer, **auth)
+    assert status == 413 and "20000" in body["error"]
+
+    # Backpressure: drain refuses new input with Retry-After; a disabled source answers 503.
+    assert worker.post("/admin/drain", token=ADMIN)[0] == 200
+    status, _, headers = post(worker, one, tenant=bearer, **auth)
+    assert status == 429 and int(headers["Retry-After"]) >= 1
+    assert worker.post("/admin/resume", token=ADMIN)[0] == 200
+    assert worker.post("/admin/sources/webhook/disable", token=ADMIN)[0] == 200
+    assert post(worker, one, tenant=bearer, **auth)[0] == 503
+    assert worker.post("/admin/sources/webhook/enable", token=ADMIN)[0] == 200
+
+    # What was accepted is in the sinks, once; the worker is alive and reports it.
+    expected = {(bearer, f"w{i}"): 1 for i in range(21)} | {(signed, f"w{i}"): 1 for i in range(10)}
+    eventually(lambda: _assert_equal(_revisions(sinks, [bearer, signed]), expected), timeout_s=90,
+               context=worker.log_tail)
+    assert len(kafka.read_all(f"{prefix}.source.webhook")) == 31
+    adapter = worker.get_json("/health/detailed")["adapters"]["webhook"]
+    assert adapter["accepted_records"] == 31 and adapter["last_error"].startswith("503")
+    assert worker.metric("ingest_webhook_requests_total", status="202") == 3
+    assert worker.metric("ingest_webhook_requests_total", status="401") == 3
+    assert worker.metric("ingest_adapter_records_total", source="webhook") == 31
+    assert worker.alive
+
+
+def _revisions(sinks: SinkReader, tenants: list[str]) -> dict[tuple[str, str], int]:
+    return {k: v["revision"] for k, v in sinks.postgres(tenants).items()}
+
+
+def _assert_equal(actual: object, expected: object) -> None:
+    assert actual == expected
