@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from ingest_stream.core.backpressure import Thresholds
+from ingest_stream.core.files import parse_locations
 from ingest_stream.core.webhook import parse_auth
 from ingest_stream.errors import ConfigError
 
@@ -82,6 +83,14 @@ class Settings:
     webhook_auth: str = field(default="", repr=False)
     webhook_max_body_bytes: int = 1_048_576
     webhook_signature_window_s: float = 300.0
+    # S3 source: [{"tenant": "acme", "bucket": "in", "prefix": "acme/"}, …] polled by the leader
+    s3_sources: str = ""
+    s3_endpoint_url: str | None = None  # None: AWS; set for MinIO, moto, …
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = field(default=None, repr=False)
+    s3_secret_access_key: str | None = field(default=None, repr=False)
+    source_poll_interval_s: float = 10.0  # S3 and SFTP polling
+    source_checkpoint_every: int = 500  # lines sent between checkpoints of a file
     disabled_sources: tuple[str, ...] = ()  # isolated at start; /admin/sources/<s>/enable undoes it
     log_level: str = "info"
 
@@ -95,6 +104,10 @@ class Settings:
             parse_auth(self.webhook_auth)
         except ValueError as error:
             raise ConfigError(f"INGEST_WEBHOOK_AUTH: {error}") from None
+        try:
+            parse_locations(self.s3_sources)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"INGEST_S3_SOURCES: {error}") from None
         if set(self.disabled_sources) - set(SOURCES):
             raise ConfigError(f"INGEST_DISABLED_SOURCES: unknown source(s); known: {SOURCES}")
         try:
@@ -136,6 +149,10 @@ class Settings:
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic_prefix}.dlq"
+
+    @property
+    def adapter_checkpoints_topic(self) -> str:
+        return f"{self.topic_prefix}.adapter.checkpoints"
 
     @property
     def replay_plans_topic(self) -> str:

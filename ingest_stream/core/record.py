@@ -52,3 +52,13 @@ def with_defaults(record: dict[str, Any]) -> Record:
 def encode(record: Record) -> bytes:
     """Canonical JSON bytes: sorted keys, so one record always encodes to the same bytes."""
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+
+
+def record_key(value: bytes) -> bytes | None:
+    """The Kafka key of a raw record: `tenant:id` when it is JSON with both, else None (the
+    partitioner chooses)."""
+    try:
+        document = orjson.loads(value)
+        return entity_key(document["tenant"], document["id"]).encode()
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None

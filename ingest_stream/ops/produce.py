@@ -12,11 +12,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaProducer
 
 from ingest_stream.config import Settings
-from ingest_stream.core.record import entity_key
+from ingest_stream.core.record import record_key
 from ingest_stream.core.timefmt import format_rfc3339
 
 log = logging.getLogger(__name__)
@@ -47,15 +46,6 @@ def jsonl_records(path: Path) -> Iterator[bytes]:
         for line in handle:
             if line.strip():
                 yield line.rstrip(b"\n")
-
-
-def record_key(value: bytes) -> bytes | None:
-    """`tenant:id` when the line is a record that has both; None lets the partitioner choose."""
-    try:
-        document = orjson.loads(value)
-        return entity_key(document["tenant"], document["id"]).encode()
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return None
 
 
 async def produce(settings: Settings, values: Iterable[bytes], *, topic: str,

@@ -28,6 +28,7 @@ from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.dlq import DeadLetters
 from ingest_stream.stream.sink_agent import SinkProcessor
 from ingest_stream.stream.source_agent import SourceProcessor
+from ingest_stream.stream.sources import install_file_sources
 from ingest_stream.stream.tables import declare_tables, evict_expired
 from ingest_stream.stream.topics import Topics, declare_topics
 from ingest_stream.stream.watchdog import install_watchdog
@@ -148,6 +149,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     _views(app, pipeline)
     install_admin_routes(app, settings, backpressure)
     install_webhook(app, settings, topics.sources["webhook"], backpressure, metrics)
+    install_file_sources(app, settings, topics.sources, backpressure, metrics)
     return app
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ingest_stream.ops.devstack import DevStack
+from ingest_stream.ops.devstack import DevStack, free_port
 from ingest_stream.sinks.postgres import migrate
 from tests.integration.harness import AUDIT_SQL, Kafka, SinkReader, WorkerProcess, worker_env
 
@@ -41,6 +41,20 @@ async def _prepare_postgres(dsn: str) -> None:
         await conn.execute(AUDIT_SQL)
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API (moto's server mode) on a free port, for the S3 source's tests."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
