@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from ingest_stream.core.backpressure import Thresholds
-from ingest_stream.core.files import parse_locations
+from ingest_stream.core.files import parse_locations, parse_sftp_locations
 from ingest_stream.core.webhook import parse_auth
 from ingest_stream.errors import ConfigError
 
@@ -89,6 +89,8 @@ class Settings:
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = field(default=None, repr=False)
     s3_secret_access_key: str | None = field(default=None, repr=False)
+    # SFTP source: [{"tenant", "host", "port", "username", "password" | "client_key", "path", …}]
+    sftp_sources: str = field(default="", repr=False)
     source_poll_interval_s: float = 10.0  # S3 and SFTP polling
     source_checkpoint_every: int = 500  # lines sent between checkpoints of a file
     disabled_sources: tuple[str, ...] = ()  # isolated at start; /admin/sources/<s>/enable undoes it
@@ -104,10 +106,12 @@ class Settings:
             parse_auth(self.webhook_auth)
         except ValueError as error:
             raise ConfigError(f"INGEST_WEBHOOK_AUTH: {error}") from None
-        try:
-            parse_locations(self.s3_sources)
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"INGEST_S3_SOURCES: {error}") from None
+        for name, parse, raw in (("INGEST_S3_SOURCES", parse_locations, self.s3_sources),
+                                 ("INGEST_SFTP_SOURCES", parse_sftp_locations, self.sftp_sources)):
+            try:
+                parse(raw)
+            except (ValueError, KeyError, TypeError) as error:
+                raise ConfigError(f"{name}: {error}") from None
         if set(self.disabled_sources) - set(SOURCES):
             raise ConfigError(f"INGEST_DISABLED_SOURCES: unknown source(s); known: {SOURCES}")
         try:

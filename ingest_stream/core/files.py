@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
 import orjson
@@ -84,3 +84,37 @@ def parse_locations(raw: str) -> list[S3Location]:
     if not isinstance(data, list):
         raise ValueError("a JSON list of {tenant, bucket, prefix}")
     return [S3Location(d["tenant"], d["bucket"], d.get("prefix", "")) for d in data]
+
+
+@dataclass(frozen=True, slots=True)
+class SftpLocation:
+    tenant: str
+    host: str
+    path: str
+    username: str
+    port: int = 22
+    password: str | None = field(default=None, repr=False)
+    client_key: str | None = None  # path of a private key file
+    known_hosts: str | None = None  # path; None: the host key is not checked (logged once)
+    complete: str = "stable"  # "stable" (size+mtime unchanged since the last poll) or "marker"
+    marker: str = ".done"
+    done_dir: str | None = None  # move finished files there (relative to `path`, or absolute)
+
+    @property
+    def label(self) -> str:
+        return f"sftp://{self.username}@{self.host}:{self.port}{self.path}"
+
+
+def parse_sftp_locations(raw: str) -> list[SftpLocation]:
+    """`INGEST_SFTP_SOURCES`: a JSON list of {tenant, host, port, username, password | client_key,
+    path, complete, marker, done_dir, known_hosts}."""
+    if not raw.strip():
+        return []
+    data = orjson.loads(raw)
+    if not isinstance(data, list):
+        raise ValueError("a JSON list of SFTP locations")
+    locations = [SftpLocation(**entry) for entry in data]
+    for location in locations:
+        if location.complete not in ("stable", "marker"):
+            raise ValueError(f"{location.label}: complete is 'stable' or 'marker'")
+    return locations

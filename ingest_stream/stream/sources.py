@@ -11,12 +11,13 @@ from typing import Any, Protocol
 import faust
 
 from ingest_stream.config import Settings
-from ingest_stream.core.files import parse_locations
+from ingest_stream.core.files import parse_locations, parse_sftp_locations
 from ingest_stream.core.timefmt import format_rfc3339
 from ingest_stream.metrics import Metrics
 from ingest_stream.ops.kafka_io import scan
 from ingest_stream.sources.feeder import CheckpointStore, FileFeeder
 from ingest_stream.sources.s3 import S3Source
+from ingest_stream.sources.sftp import SftpSource
 from ingest_stream.stream.backpressure import BackpressureController
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,11 @@ class Poller(Protocol):
 
 def install_file_sources(app: faust.App, settings: Settings, sources: dict[str, faust.TopicT],
                          controller: BackpressureController, metrics: Metrics) -> None:
-    wanted = ["s3"] if parse_locations(settings.s3_sources) else []
+    sftp_locations = parse_sftp_locations(settings.sftp_sources)
+    wanted = (["s3"] if parse_locations(settings.s3_sources) else []) + (["sftp"] if sftp_locations else [])
+    if sftp_locations and any(location.known_hosts is None for location in sftp_locations):
+        log.warning("SFTP: host keys are not checked for locations without known_hosts")
+    sftp_seen: dict[str, tuple[int, int]] = {}
     if not wanted:
         return
     checkpoint_topic = app.topic(settings.adapter_checkpoints_topic, key_type=bytes, value_type=bytes,
@@ -62,7 +67,9 @@ def install_file_sources(app: faust.App, settings: Settings, sources: dict[str, 
             return await topic.send(key=key, value=value, headers=headers)
 
         def make(feeder: FileFeeder, source: str = source, health: dict[str, Any] = health) -> Poller:
-            return S3Source(settings, feeder, health)
+            if source == "s3":
+                return S3Source(settings, feeder, health)
+            return SftpSource(sftp_locations, feeder, health, sftp_seen)
 
         _poll_timer(app, settings, source, controller, health, store, send, counter, make)
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -55,6 +57,48 @@ def s3_endpoint() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+@dataclass(frozen=True)
+class SftpServer:
+    port: int
+    root: Path
+    username: str = "ingest"
+    password: str = "sftp-test-password"
+
+
+@pytest.fixture(scope="session")
+def sftp_server() -> Iterator[SftpServer]:
+    """A real SFTP server (asyncssh, password auth, chrooted to a temp dir) on its own thread."""
+    import asyncssh
+
+    root = Path(tempfile.mkdtemp(prefix="ingest-sftp-"))
+    server = SftpServer(free_port(), root)
+    loop = asyncio.new_event_loop()
+
+    class PasswordOnly(asyncssh.SSHServer):
+        def password_auth_supported(self) -> bool:
+            return True
+
+        def validate_password(self, username: str, password: str) -> bool:
+            return (username, password) == (server.username, server.password)
+
+    async def listen() -> asyncssh.SSHAcceptor:
+        return await asyncssh.listen(
+            "127.0.0.1", server.port, server_factory=PasswordOnly,
+            server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+            sftp_factory=lambda channel: asyncssh.SFTPServer(channel, chroot=str(root).encode()))
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    acceptor = asyncio.run_coroutine_threadsafe(listen(), loop).result(30)
+    try:
+        yield server
+    finally:
+        acceptor.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -179,3 +179,48 @@ def test_s3_objects_are_fed_resumed_exactly_after_a_kill_and_grown_objects_conti
 
 def _assert_at_least(value: float, minimum: float) -> None:
     assert value >= minimum
+
+
+def test_sftp_files_are_taken_when_complete_resumed_after_a_kill_and_moved_when_done(
+        kafka: Kafka, sinks: SinkReader, make_worker, prefix: str, sftp_server: Any) -> None:
+    tenant = f"{prefix}-sftp"
+    stable, marked = sftp_server.root / prefix / "incoming", sftp_server.root / prefix / "drop"
+    stable.mkdir(parents=True)
+    marked.mkdir(parents=True)
+    big = 10_000
+    (stable / "a.jsonl").write_bytes(jsonl(tenant, "a", big).replace(b'"s3"', b'"sftp"'))
+    (stable / "b.jsonl.gz").write_bytes(gzip.compress(jsonl(tenant, "b", 300).replace(b'"s3"', b'"sftp"')))
+    (marked / "d.jsonl").write_bytes(jsonl(tenant, "d", 7).replace(b'"s3"', b'"sftp"'))  # no marker yet
+    common = {"tenant": tenant, "host": "127.0.0.1", "port": sftp_server.port,
+              "username": sftp_server.username, "password": sftp_server.password}
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(
+        INGEST_SOURCE_POLL_INTERVAL_S="0.5", INGEST_SOURCE_CHECKPOINT_EVERY="200",
+        INGEST_SFTP_SOURCES=json.dumps([
+            {**common, "path": f"/{prefix}/incoming", "complete": "stable", "done_dir": "processed"},
+            {**common, "path": f"/{prefix}/drop", "complete": "marker"}]))
+    worker.start()
+    eventually(lambda: _assert_at_least(worker.metric("ingest_adapter_records_total", source="sftp"), 1000),
+               timeout_s=60, interval_s=0.05, context=worker.log_tail)
+    worker.kill()
+    before_restart = sum(len(v) for v in lines_by_file(kafka, f"{prefix}.source.sftp").values())
+    assert before_restart < big + 300, "the files were done before the kill: proves nothing"
+    worker.start()
+    total = big + 300
+    eventually(lambda: _assert_equal(len(sinks.postgres([tenant])), total), timeout_s=240, interval_s=2,
+               context=worker.log_tail)
+    sent = lines_by_file(kafka, f"{prefix}.source.sftp")
+    label = f"sftp://{sftp_server.username}@127.0.0.1:{sftp_server.port}/{prefix}"
+    a, b = sent[f"{label}/incoming/a.jsonl"], sent[f"{label}/incoming/b.jsonl.gz"]
+    assert set(a) == set(range(1, big + 1)) and set(b) == set(range(1, 301))
+    repeats = len(a) - big + len(b) - 300
+    assert 0 <= repeats <= 200, repeats
+    print(f"sftp: {total} lines across the kill, {repeats} sent twice")
+    # Done files were moved away; the unmarked file waited, and goes once its marker appears.
+    eventually(lambda: _assert_equal(sorted(p.name for p in (stable / "processed").iterdir()),
+                                     ["a.jsonl", "b.jsonl.gz"]), timeout_s=30)
+    assert f"{label}/drop/d.jsonl" not in sent
+    (marked / "d.jsonl.done").write_bytes(b"")
+    eventually(lambda: _assert_equal(len(sinks.postgres([tenant])), total + 7), timeout_s=60,
+               context=worker.log_tail)
+    assert worker.get_json("/health/detailed")["adapters"]["sftp"]["last_error"] is None
