@@ -93,6 +93,7 @@ class Settings:
     sftp_sources: str = field(default="", repr=False)
     source_poll_interval_s: float = 10.0  # S3 and SFTP polling
     source_checkpoint_every: int = 500  # lines sent between checkpoints of a file
+    tenant_metrics_limit: int = 500  # distinct tenants labelled in metrics; later ones are "other"
     disabled_sources: tuple[str, ...] = ()  # isolated at start; /admin/sources/<s>/enable undoes it
     log_level: str = "info"
 

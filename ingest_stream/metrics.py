@@ -1,6 +1,7 @@
 """Every metric of the product, declared in one place and created against a registry.
 
-Labels are bounded: sink, source, reason, stage, outcome — never a tenant-supplied id.
+Labels are bounded: sink, source, reason, stage, outcome, and tenant only through TenantLabel's cap
+(INGEST_TENANT_METRICS_LIMIT) — never a record id.
 """
 
 from __future__ import annotations
@@ -11,9 +12,32 @@ LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 180
 BATCH_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
+OTHER_TENANTS = "other"
+
+
+class TenantLabel:
+    """A tenant as a label value, bounded: past `limit` distinct tenants, new ones count as
+    "other", so a flood of tenants cannot blow up the series count."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._known: set[str] = set()
+
+    def __call__(self, tenant: str | None) -> str:
+        if tenant is None:
+            return OTHER_TENANTS
+        if tenant in self._known:
+            return tenant
+        if len(self._known) < self._limit:
+            self._known.add(tenant)
+            return tenant
+        return OTHER_TENANTS
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, tenant_limit: int = 500) -> None:
         self.registry = registry or CollectorRegistry()
+        self.tenant = TenantLabel(tenant_limit)
         r = self.registry
         self.records = Counter(
             "ingest_records_total", "Source records processed, by outcome.",
@@ -29,7 +53,7 @@ class Metrics:
             ["source"], registry=r)
         self.lag = Histogram(
             "ingest_lag_seconds", "Source event time to sink commit.",
-            ["sink"], buckets=LAG_BUCKETS_S, registry=r)
+            ["sink", "source"], buckets=LAG_BUCKETS_S, registry=r)
         self.sink_records = Counter(
             "ingest_sink_records_total", "Records handled by a sink, by revision decision.",
             ["sink", "decision"], registry=r)
@@ -66,3 +90,9 @@ class Metrics:
         self.webhook_requests = Counter(
             "ingest_webhook_requests_total", "Webhook requests, by HTTP status answered.",
             ["status"], registry=r)
+        self.tenant_records = Counter(
+            "ingest_tenant_records_total", "Source records per tenant (bounded), by outcome.",
+            ["tenant", "outcome"], registry=r)
+        self.tenant_dlq = Counter(
+            "ingest_tenant_dlq_total", "Dead letters per tenant (bounded), by reason.",
+            ["tenant", "reason"], registry=r)

@@ -98,7 +98,7 @@ def faust_options(settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Typesense request
     app = faust.App(settings.app_id, **faust_options(settings))
-    metrics = metrics or Metrics()
+    metrics = metrics or Metrics(tenant_limit=settings.tenant_metrics_limit)
     topics = declare_topics(app, settings)
     tables = declare_tables(app, settings)
     validator = RecordValidator.from_directory(

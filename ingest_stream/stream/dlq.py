@@ -61,6 +61,7 @@ class DeadLetters:
         origin = read_origin(headers) or here
         failed = here if stage.sink is not None else None
         self._metrics.dlq.labels(reason.value, stage.value).inc()
+        self._metrics.tenant_dlq.labels(self._metrics.tenant(identity.get("tenant")), reason.value).inc()
         log.warning("dlq %s[%d]@%d tenant=%s id=%s reason=%s stage=%s: %s",
                     here.topic, here.partition, here.offset, identity.get("tenant"),
                     identity.get("id"), reason.value, stage.value, error)

@@ -77,9 +77,10 @@ class SinkProcessor:
         await asyncio.gather(*deliveries)
 
         now_ms = time.time() * 1000
-        lag = self._metrics.lag.labels(self.sink.name)
+        lag = self._metrics.lag
         for write in outcome.applied:
-            lag.observe(max(0.0, (now_ms - epoch_ms(write.record["event_time"])) / 1000))
+            lag.labels(self.sink.name, write.record["source"]).observe(
+                max(0.0, (now_ms - epoch_ms(write.record["event_time"])) / 1000))
         records = self._metrics.sink_records
         for decision, items in (("applied", outcome.applied), ("skipped", outcome.skipped),
                                 ("older", outcome.older), ("failed", outcome.failed)):

@@ -57,6 +57,7 @@ class SourceProcessor:
         self._rejected = metrics.records.labels(source, "rejected")
         self._duplicate = metrics.records.labels(source, "duplicate")
         self._duplicates = metrics.duplicates.labels(source)
+        self._metrics = metrics
 
     async def process(self, events: Sequence[EventT[Any]]) -> None:
         await self._gate.pace(len(events), source=True)
@@ -79,6 +80,7 @@ class SourceProcessor:
                     dedupe.dedupe_key(record), message.partition, message.offset, now_ms):
                 self._duplicate.inc()
                 self._duplicates.inc()
+                self._count_tenant(record["tenant"], "duplicate")
                 continue
             if not any(k.startswith("ingest.origin.") for k, _ in headers):
                 headers += origin_headers(position_of(event))
@@ -87,6 +89,7 @@ class SourceProcessor:
             for topic in self._sink_topics:
                 deliveries.append(await topic.send(key=key, value=value, headers=headers))
             self._outcomes.inc()
+            self._count_tenant(record["tenant"], "forwarded")
             checkpoint = f"{record['tenant']}:{self.source}:{message.partition}"
             previous = checkpoints.get(checkpoint)
             event_ms = epoch_ms(record["event_time"])
@@ -94,6 +97,9 @@ class SourceProcessor:
         self._write_checkpoints(checkpoints, now_ms)
         await asyncio.gather(*deliveries)  # raises if the broker refused any of them
         await self._app.producer.flush()  # table changelog writes are sent with send_soon
+
+    def _count_tenant(self, tenant: str, outcome: str) -> None:
+        self._metrics.tenant_records.labels(self._metrics.tenant(tenant), outcome).inc()
 
     def _is_duplicate(self, key: str, partition: int, offset: int, now_ms: int) -> bool:
         table = self._tables.dedupe

@@ -10,6 +10,7 @@ from typing import Any
 
 from ingest_stream.ops.devstack import DevStack
 from tests.dataset import v2
+from tests.deploy.grafana import dashboards, exposed_families, expressions, metric_families
 from tests.integration.harness import PROJECT_ROOT, Kafka, SinkReader, WorkerProcess, eventually, run_tool
 from tests.integration.test_pipeline import source_topics
 
@@ -184,6 +185,11 @@ def test_metrics_scrape_passes_promtool(make_worker, kafka: Kafka, prefix: str) 
                  "ingest_retry_total",
                  "ingest_circuit_state", "ingest_duplicates_total", "ingest_brownout_dropped_total"):
         assert f"# TYPE {name} " in scrape, name
+    # The dashboard reads only metrics a real worker exposes.
+    exposed = exposed_families(scrape)
+    for dashboard in dashboards().values():
+        for expr in expressions(dashboard):
+            assert metric_families(expr) <= exposed, expr
     promtool = PROJECT_ROOT / ".venv" / "bin" / "promtool"
     checked = subprocess.run([str(promtool), "check", "metrics"], input=scrape.encode(), capture_output=True,
                              timeout=30, check=False)

@@ -48,3 +48,10 @@ def test_bad_values_are_clear_errors(name, value, message):
 def test_settings_are_frozen():
     with pytest.raises(AttributeError):
         Settings().web_port = 1  # type: ignore[misc]
+
+
+def test_tenant_labels_are_bounded():
+    from ingest_stream.metrics import OTHER_TENANTS, TenantLabel
+
+    label = TenantLabel(limit=2)
+    assert [label(t) for t in ("a", "b", "c", "a", None)] == ["a", "b", OTHER_TENANTS, "a", OTHER_TENANTS]
