@@ -32,6 +32,7 @@ class Settings:
     recovery_consistency_check: bool = True
     topic_prefix: str = "ingest"
     partitions: int = 4
+    table_standby_replicas: int = 1  # hot standby copies of each table partition on other workers
     sinks: tuple[str, ...] = KNOWN_SINKS
     postgres_dsn: str = field(default="postgresql://postgres@127.0.0.1:5432/postgres", repr=False)
     neo4j_uri: str = "bolt://127.0.0.1:7687"

@@ -77,6 +77,7 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "web_port": settings.web_port,
         "web_bind": settings.web_host,
         "topic_partitions": settings.partitions,
+        "table_standby_replicas": settings.table_standby_replicas,
         "producer_linger": settings.producer_linger_ms / 1000,
         "producer_acks": -1,
         "consumer_auto_offset_reset": "earliest",
