@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ingest-stream", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("worker", help="run a Faust worker against the configured servers")
@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     lag.add_argument("--topic", action="append", default=[],
                      help="topic to report (repeatable; default: every topic the worker consumes)")
     lag.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.command == "worker":
