@@ -145,7 +145,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         app, settings, acked=acked,
         consumed={t.get_topic_name() for t in (*topics.sources.values(), *topics.sinks.values())},
         sinks_by_topic={topics.sinks[name].get_topic_name(): sink for name, sink in sinks.items()},
-        detector=pipeline.stalls, held=backpressure.held_topics)
+        detector=pipeline.stalls, held=backpressure.held_topics, known_ends=backpressure.known_ends)
     _backpressure_timer(app, settings, backpressure)
     _views(app, pipeline)
     install_admin_routes(app, settings, backpressure)

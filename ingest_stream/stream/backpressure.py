@@ -62,8 +62,17 @@ class BackpressureController:
         for lag in self.lags:
             self._metrics.consumer_lag_records.labels(lag.topic, str(lag.partition)).set(lag.records)
             self._metrics.consumer_lag_seconds.labels(lag.topic, str(lag.partition)).set(lag.seconds)
+        before = self.machine.state
         self.machine.observe(self._clock(), worst_lag(self.lags, exclude=self.disabled_topics()))
+        if self.machine.state is not before:
+            log.warning("backpressure %s -> %s: %s", before.value, self.machine.state.value,
+                        self.machine.reason)
         await self.apply()
+
+    def known_ends(self) -> dict[tuple[str, int], int]:
+        """End offsets as the last lag measurement saw them (records read past the high watermark
+        included)."""
+        return {(lag.topic, lag.partition): lag.end for lag in self.lags}
 
     async def stop(self) -> None:
         if self._probe is not None:

@@ -76,3 +76,18 @@ async def test_acked_records_never_committed_make_the_worker_exit():
     now[0] = 31
     await check()
     assert exits == [STALL_EXIT_CODE]
+
+
+async def test_ends_read_past_a_short_high_watermark_still_reveal_a_stall():
+    """A broker whose high watermark falls short (Tansu) would hide records waiting; the lag
+    probe's ends (records read past it) do not."""
+    now = [0.0]
+    exits: list[int] = []
+    app = SimpleNamespace(consumer=FakeConsumer(source_end=10), timer=lambda interval: lambda f: f)
+    check = install_watchdog(app, Settings(stall_timeout_s=30), consumed={"src"}, sinks_by_topic={},
+                             acked={TP("src", 0): 10}, clock=lambda: now[0], exit_now=exits.append,
+                             known_ends=lambda: {("src", 0): 25})
+    await check()
+    now[0] = 31
+    await check()
+    assert exits == [STALL_EXIT_CODE]
