@@ -23,6 +23,7 @@ from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Sink, Write
 
 log = logging.getLogger(__name__)
+OlderHandler = Callable[[list[Write]], Awaitable[None]]
 
 
 @dataclass
@@ -74,16 +75,24 @@ class GuardedSink:
         metrics.circuit_state.labels(self.name).set(CircuitState.CLOSED)
         self._opened = False
         self.retrying = False  # waiting out a failing sink: busy, not stalled
+        self._before_write: OlderHandler | None = None
         self.consecutive_failures = 0
         self.last_error: SinkError | None = None
         self.last_error_at: float | None = None  # time.time()
         self.last_success_at: float | None = None  # time.time(): tells an idle sink from a dead one
 
-    async def apply(self, writes: Sequence[Write]) -> BatchOutcome:
+    async def apply(self, writes: Sequence[Write], *,
+                    before_write: OlderHandler | None = None) -> BatchOutcome:
+        """Apply a batch. `before_write` receives the writes found older than what the sink holds,
+        and is awaited before anything of the batch is written: a dead letter for an older
+        revision must be durable before the newer revision that hides it lands, or a crash in
+        between loses it (after a restart the older one looks like replayed history)."""
+        self._before_write = before_write
         try:
             return await self._apply(writes)
         finally:
             self.retrying = False
+            self._before_write = None
 
     async def _apply(self, writes: Sequence[Write]) -> BatchOutcome:
         attempt = 0
@@ -164,6 +173,8 @@ class GuardedSink:
         current = await self.sink.current_revisions(keys)
         plan = plan_batch(writes, current, key=lambda w: w.key, version=lambda w: w.version,
                           may_rewrite_equal=lambda w: w.may_rewrite_equal)
+        if plan.older and self._before_write is not None:
+            await self._before_write(plan.older)
         if plan.apply:
             await self.sink.write(plan.apply)
         return BatchOutcome(applied=plan.apply, skipped=plan.skip, older=plan.older)

@@ -59,17 +59,26 @@ class SinkProcessor:
             writes.append(write)
             event_of[id(write)] = event
 
-        async with self._gate.sink_slots:  # bounded sink concurrency across the sink agents
-            outcome = await self.sink.apply(writes)
+        dead_lettered: set[int] = set()
 
-        replayed_history = [w for w in outcome.older if w.replayed]
-        outcome.skipped += replayed_history  # a replay re-sends history: older is expected there
+        async def dead_letter_older(older: list[Write]) -> None:
+            """Before the batch is written (see GuardedSink.apply); once per write across retries."""
+            pending = []
+            for write in older:
+                if write.replayed or id(write) in dead_lettered:
+                    continue  # a replay re-sends history: older is expected there
+                dead_lettered.add(id(write))
+                pending.append(await self._dead_letters.publish(
+                    event_of[id(write)], reason=Reason.OLDER_REVISION, stage=self.stage,
+                    error=f"$.revision: {write.revision} is older than the revision {self.sink.name} holds",
+                    identity=_identity(write)))
+            await asyncio.gather(*pending)
+
+        async with self._gate.sink_slots:  # bounded sink concurrency across the sink agents
+            outcome = await self.sink.apply(writes, before_write=dead_letter_older)
+
+        outcome.skipped += [w for w in outcome.older if w.replayed]
         outcome.older = [w for w in outcome.older if not w.replayed]
-        for write in outcome.older:
-            deliveries.append(await self._dead_letters.publish(
-                event_of[id(write)], reason=Reason.OLDER_REVISION, stage=self.stage,
-                error=f"$.revision: {write.revision} is older than the revision {self.sink.name} holds",
-                identity=_identity(write)))
         for write, error, attempts in outcome.failed:
             deliveries.append(await self._dead_letters.publish(
                 event_of[id(write)], reason=error.reason, stage=self.stage, error=str(error),

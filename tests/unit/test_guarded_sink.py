@@ -145,3 +145,20 @@ async def test_circuit_state_is_exported(policy):
     assert opened == 1.0
     assert metrics.registry.get_sample_value("ingest_retry_total",
                                              {"sink": "memory", "reason": "CONNECTION_ERROR"}) == 3.0
+
+
+async def test_older_writes_are_handed_over_before_anything_is_written_once_per_attempt():
+    """Dead letters for older revisions must be durable before the newer ones land (a crash in
+    between would hide them as history after a restart)."""
+    sink, time = MemorySink(), FakeTime()
+    sink.held["t:a"] = Version(5)
+    sink.down = 1  # the first attempt fails before planning; the second plans and writes
+    seen: list[tuple[list[int], int | None]] = []
+
+    async def before_write(older):
+        seen.append(([w.revision for w in older], sink.held["t:a"].revision))
+
+    outcome = await guarded(sink, time).apply(writes(("a", 3), ("a", 6)), before_write=before_write)
+    assert seen == [([3], 5)]  # handed over while the sink still held 5, not yet 6
+    assert [w.revision for w in outcome.applied] == [6]
+    assert [w.revision for w in outcome.older] == [3]
