@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: help setup dev test unit integration lint typecheck clean
+.PHONY: help setup dev test unit integration lint typecheck bench clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,10 +37,13 @@ integration: setup  ## the integration tests only
 	$(PY) -m pytest tests/integration
 
 lint: setup  ## ruff
-	$(VENV)/bin/ruff check ingest_stream tests
+	$(VENV)/bin/ruff check ingest_stream tests bench
 
 typecheck: setup  ## mypy (strict on core/)
 	$(VENV)/bin/mypy ingest_stream
+
+bench: setup  ## throughput: raw aiokafka vs bare Faust vs ingest_stream (bench/results/*.json)
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv, dev data and caches
 	rm -rf $(VENV) .devstack data .mypy_cache .ruff_cache .pytest_cache
