@@ -157,6 +157,11 @@ class Settings:
         return f"{self.topic_prefix}.dlq"
 
     @property
+    def dlq_status_topic(self) -> str:
+        """Dead-letter statuses (open/redriven/parked/purged), compacted."""
+        return f"{self.dlq_topic}.status"
+
+    @property
     def adapter_checkpoints_topic(self) -> str:
         return f"{self.topic_prefix}.adapter.checkpoints"
 

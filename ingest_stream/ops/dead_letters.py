@@ -57,7 +57,7 @@ class DeadLetterStore:
     def __init__(self, settings: Settings) -> None:
         self.bootstrap = settings.kafka_bootstrap
         self.topic = settings.dlq_topic
-        self.status_topic = f"{settings.dlq_topic}.status"
+        self.status_topic = settings.dlq_status_topic
         self.unreadable = 0  # records in the DLQ topic without valid dlq.* headers
         self.repeats = 0  # copies of a failure already seen (redelivery after a crash)
 

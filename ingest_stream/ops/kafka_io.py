@@ -1,12 +1,13 @@
-"""Small Kafka helpers for the operator tools: read a topic from the start to its end, make sure a
-topic exists. The tools run outside the worker, with plain aiokafka clients."""
+"""Small Kafka helpers for the operator tools and adapters: read a topic from the start to its end,
+make sure a topic exists, keep the latest value per key in a compacted topic. Plain aiokafka
+clients, outside Faust."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 TOPIC_ALREADY_EXISTS = 36
@@ -55,3 +56,34 @@ async def scan(bootstrap: str, topic: str) -> AsyncIterator[ConsumerRecord[Any, 
                 return
     finally:
         await consumer.stop()
+
+
+class CompactedStore:
+    """Latest JSON value per key in a compacted topic; a None value deletes."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self._declared = False
+
+    async def load(self) -> dict[str, bytes]:
+        latest: dict[str, bytes] = {}
+        async for record in scan(self.bootstrap, self.topic):
+            if record.key is None:
+                continue
+            if record.value is None:
+                latest.pop(record.key.decode(), None)
+            else:
+                latest[record.key.decode()] = record.value
+        return latest
+
+    async def put(self, key: str, value: bytes | None) -> None:
+        if not self._declared:  # once per store, not on every write
+            await ensure_topic(self.bootstrap, self.topic, configs={"cleanup.policy": "compact"})
+            self._declared = True
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        try:
+            await producer.start()
+            await producer.send_and_wait(self.topic, key=key.encode(), value=value)
+        finally:
+            await producer.stop()

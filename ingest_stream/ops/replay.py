@@ -23,7 +23,7 @@ from ingest_stream.core.dlq import REPLAY_HEADER
 from ingest_stream.core.replay import PlanError, PlanStatus, ReplayPlan, new_plan, record_tenant
 from ingest_stream.core.timefmt import format_rfc3339
 from ingest_stream.core.tokenbucket import TokenBucket
-from ingest_stream.ops.kafka_io import ensure_topic, scan
+from ingest_stream.ops.kafka_io import CompactedStore
 
 log = logging.getLogger(__name__)
 CHECKPOINT_EVERY_S = 1.0
@@ -32,34 +32,6 @@ FETCH_WAIT_MS = 500
 
 def now_text() -> str:
     return format_rfc3339(datetime.now(UTC))
-
-
-class CompactedStore:
-    """Latest JSON value per key in a compacted topic; a None value deletes."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.bootstrap = bootstrap
-        self.topic = topic
-
-    async def load(self) -> dict[str, bytes]:
-        latest: dict[str, bytes] = {}
-        async for record in scan(self.bootstrap, self.topic):
-            if record.key is None:
-                continue
-            if record.value is None:
-                latest.pop(record.key.decode(), None)
-            else:
-                latest[record.key.decode()] = record.value
-        return latest
-
-    async def put(self, key: str, value: bytes | None) -> None:
-        await ensure_topic(self.bootstrap, self.topic, configs={"cleanup.policy": "compact"})
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
-        try:
-            await producer.start()
-            await producer.send_and_wait(self.topic, key=key.encode(), value=value)
-        finally:
-            await producer.stop()
 
 
 class LegalHolds:

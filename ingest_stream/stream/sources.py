@@ -14,7 +14,7 @@ from ingest_stream.config import Settings
 from ingest_stream.core.files import parse_locations, parse_sftp_locations
 from ingest_stream.core.timefmt import format_rfc3339
 from ingest_stream.metrics import Metrics
-from ingest_stream.ops.kafka_io import scan
+from ingest_stream.ops.kafka_io import CompactedStore
 from ingest_stream.sources.feeder import CheckpointStore, FileFeeder
 from ingest_stream.sources.s3 import S3Source
 from ingest_stream.sources.sftp import SftpSource
@@ -46,9 +46,7 @@ def install_file_sources(app: faust.App, settings: Settings, sources: dict[str, 
     async def store() -> CheckpointStore:
         if state["store"] is None:
             await checkpoint_topic.maybe_declare()
-            loaded = {r.key.decode(): r.value async for r in scan(settings.kafka_bootstrap,
-                                                                 settings.adapter_checkpoints_topic)
-                      if r.key is not None and r.value is not None}
+            loaded = await CompactedStore(settings.kafka_bootstrap, settings.adapter_checkpoints_topic).load()
 
             async def save(name: str, raw: bytes) -> None:
                 await (await checkpoint_topic.send(key=name.encode(), value=raw))

@@ -49,6 +49,11 @@ def eventually(check: Callable[[], T], *, timeout_s: float, interval_s: float = 
         time.sleep(interval_s)
 
 
+def assert_equal(actual: object, expected: object) -> None:
+    """For `eventually(lambda: assert_equal(…))`: a check that reads as one."""
+    assert actual == expected
+
+
 # --- the worker -----------------------------------------------------------------------------
 @dataclass
 class WorkerProcess:

@@ -12,7 +12,15 @@ import pytest
 from ingest_stream.ops.devstack import DevStack
 from ingest_stream.stream.watchdog import STALL_EXIT_CODE
 from tests.dataset import Dataset, v2, with_bulk_tenant
-from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually, headers_of, run_tool
+from tests.integration.harness import (
+    Kafka,
+    SinkReader,
+    WorkerProcess,
+    assert_equal,
+    eventually,
+    headers_of,
+    run_tool,
+)
 from tests.integration.test_pipeline import (
     LIMIT,
     assert_sinks_hold,
@@ -73,10 +81,10 @@ def test_a_sink_down_with_hold_policy_completes_with_no_dlq(
                                                                  "SINK_TIMEOUT")
         # The other sinks are not held back by this one's outage.
         for other in set(state) - {down}:
-            eventually(lambda other=other: _assert_equal(*state[other]()), timeout_s=120,
+            eventually(lambda other=other: assert_equal(*state[other]()), timeout_s=120,
                        context=worker.log_tail)
 
-    eventually(lambda: _assert_equal(*state[down]()), timeout_s=120, context=worker.log_tail)
+    eventually(lambda: assert_equal(*state[down]()), timeout_s=120, context=worker.log_tail)
     eventually(lambda: _assert_circuit(worker, down, 0), timeout_s=30)
     assert worker.get_json("/health/detailed")["sinks"][down]["circuit"] == "closed"
     assert worker.metric("ingest_circuit_transitions_total", sink=down, state="open") >= 1
@@ -103,10 +111,10 @@ def test_a_sink_down_with_dlq_policy_dead_letters_its_records_and_a_redrive_comp
         during = kafka.produce(source, [(m.key, m.value) for m in data.messages[600:]])
         expected = Counter((source, partition, offset, "sink.typesense") for partition, offset in during)
         # Exactly the records Typesense missed are dead-lettered, for Typesense only.
-        eventually(lambda: _assert_equal(_dlq_positions(kafka, prefix), expected), timeout_s=180,
+        eventually(lambda: assert_equal(_dlq_positions(kafka, prefix), expected), timeout_s=180,
                    interval_s=2, context=worker.log_tail)
         for other in ("postgres", "neo4j"):
-            _assert_equal(*state[other]())
+            assert_equal(*state[other]())
     reasons = {entry[3] for entry in dlq_entries(kafka, f"{prefix}.dlq")}
     assert reasons <= {"CONNECTION_ERROR", "CIRCUIT_OPEN", "SINK_TIMEOUT"}, reasons
     assert worker.metric("ingest_circuit_transitions_total", sink="typesense", state="open") >= 1
@@ -123,7 +131,7 @@ def test_a_sink_down_with_dlq_policy_dead_letters_its_records_and_a_redrive_comp
     done = dlqtriage(worker, "redrive", "--tenant", data.tenants[0],
                      "--reason", "CONNECTION_ERROR,CIRCUIT_OPEN,SINK_TIMEOUT", "--json")
     assert done["sent_by_topic"] == {f"{prefix}.sink.typesense": len(expected)}
-    eventually(lambda: _assert_equal(*state["typesense"]()), timeout_s=120, context=worker.log_tail)
+    eventually(lambda: assert_equal(*state["typesense"]()), timeout_s=120, context=worker.log_tail)
     eventually(lambda: _assert_circuit(worker, "typesense", 0), timeout_s=30)
     assert worker.metric("ingest_circuit_transitions_total", sink="typesense", state="closed") >= 1
     # The redrive went to Typesense only: no sink was written again, nothing came back to the DLQ.
@@ -160,9 +168,6 @@ def _assert_some(found: dict[object, object]) -> None:
     assert found
 
 
-def _assert_equal(actual: object, expected: object) -> None:
-    assert actual == expected
-
 
 def _assert_circuit(worker: WorkerProcess, sink: str, state: int) -> None:
     assert worker.metric("ingest_circuit_state", sink=sink) == state
@@ -188,11 +193,11 @@ def test_a_constraint_violation_goes_straight_to_the_dlq_for_that_sink_only(
         by_id = dict(zip(ids, positions, strict=True))
         expected = Counter((f"{prefix}.source.kafka", *by_id[i], "CONSTRAINT_VIOLATION", "sink.postgres")
                            for i in refused)
-        eventually(lambda: _assert_equal(dlq_entries(kafka, f"{prefix}.dlq"), expected), timeout_s=90,
+        eventually(lambda: assert_equal(dlq_entries(kafka, f"{prefix}.dlq"), expected), timeout_s=90,
                    context=worker.log_tail)
         everyone = {(tenant, i): 1 for i in ids}
-        eventually(lambda: _assert_equal(sinks.search_documents([tenant]), everyone), timeout_s=60)
-        eventually(lambda: _assert_equal(_revisions(sinks.graph_nodes([tenant])), everyone), timeout_s=60)
+        eventually(lambda: assert_equal(sinks.search_documents([tenant]), everyone), timeout_s=60)
+        eventually(lambda: assert_equal(_revisions(sinks.graph_nodes([tenant])), everyone), timeout_s=60)
         accepted = {k: v for k, v in everyone.items() if k[1] not in refused}
         assert _revisions(sinks.postgres([tenant])) == accepted
         assert worker.metric("ingest_retry_total", sink="postgres") == 0  # not retried
@@ -221,7 +226,7 @@ def test_a_hung_sink_times_out_is_retried_then_dead_lettered(
         positions = kafka.produce(f"{prefix}.source.kafka", records[1:])
         expected = Counter((f"{prefix}.source.kafka", p, o, "SINK_TIMEOUT", "sink.typesense")
                            for p, o in positions)
-        eventually(lambda: _assert_equal(dlq_entries(kafka, f"{prefix}.dlq"), expected), timeout_s=120,
+        eventually(lambda: assert_equal(dlq_entries(kafka, f"{prefix}.dlq"), expected), timeout_s=120,
                    context=worker.log_tail)
     for message in kafka.read_all(f"{prefix}.dlq"):
         assert headers_of(message)["dlq.attempts"] == "3"

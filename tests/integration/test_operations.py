@@ -11,7 +11,15 @@ from typing import Any
 from ingest_stream.ops.devstack import DevStack
 from tests.dataset import v2
 from tests.deploy.grafana import dashboards, exposed_families, expressions, metric_families
-from tests.integration.harness import PROJECT_ROOT, Kafka, SinkReader, WorkerProcess, eventually, run_tool
+from tests.integration.harness import (
+    PROJECT_ROOT,
+    Kafka,
+    SinkReader,
+    WorkerProcess,
+    assert_equal,
+    eventually,
+    run_tool,
+)
 from tests.integration.test_pipeline import source_topics
 
 TOKEN = "test-admin-token"
@@ -169,7 +177,7 @@ def test_a_slow_sink_drives_throttled_then_brownout_drops_only_low_priority_and_
     held = sinks.postgres([tenant])
     assert not any(record_id.startswith("r1") and len(record_id) == 5 for _, record_id in held)
     assert {i for _, i in held} == {f"r{i}" for i in [*range(30), *range(2000, 2020), *range(3000, 3020)]}
-    eventually(lambda: _assert_equal(len(sinks.search_documents([tenant])), 70), timeout_s=60)
+    eventually(lambda: assert_equal(len(sinks.search_documents([tenant])), 70), timeout_s=60)
 
 
 def test_metrics_scrape_passes_promtool(make_worker, kafka: Kafka, prefix: str) -> None:
@@ -217,6 +225,3 @@ def _assert_adapter_lag(worker: WorkerProcess, source: str, at_least: int) -> No
 def _assert_metric_present(worker: WorkerProcess, text: str) -> None:
     assert text in worker.metrics()
 
-
-def _assert_equal(actual: object, expected: object) -> None:
-    assert actual == expected

@@ -11,7 +11,7 @@ from typing import Any
 
 from ingest_stream.core.webhook import sign
 from tests.dataset import v2
-from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually, headers_of
+from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_equal, eventually, headers_of
 from tests.integration.test_pipeline import source_topics
 
 ADMIN = "admin-token"
@@ -86,7 +86,7 @@ def test_webhook_accepts_framed_authenticated_records_and_refuses_the_rest_witho
 
     # What was accepted is in the sinks, once; the worker is alive and reports it.
     expected = {(bearer, f"w{i}"): 1 for i in range(21)} | {(signed, f"w{i}"): 1 for i in range(10)}
-    eventually(lambda: _assert_equal(_revisions(sinks, [bearer, signed]), expected), timeout_s=90,
+    eventually(lambda: assert_equal(_revisions(sinks, [bearer, signed]), expected), timeout_s=90,
                context=worker.log_tail)
     assert len(kafka.read_all(f"{prefix}.source.webhook")) == 31
     adapter = worker.get_json("/health/detailed")["adapters"]["webhook"]
@@ -100,9 +100,6 @@ def test_webhook_accepts_framed_authenticated_records_and_refuses_the_rest_witho
 def _revisions(sinks: SinkReader, tenants: list[str]) -> dict[tuple[str, str], int]:
     return {k: v["revision"] for k, v in sinks.postgres(tenants).items()}
 
-
-def _assert_equal(actual: object, expected: object) -> None:
-    assert actual == expected
 
 
 S3_KEYS = {"INGEST_S3_ACCESS_KEY_ID": "testing", "INGEST_S3_SECRET_ACCESS_KEY": "testing"}
@@ -155,7 +152,7 @@ def test_s3_objects_are_fed_resumed_exactly_after_a_kill_and_grown_objects_conti
     assert sent_before_restart < big + 510, "the objects were done before the kill: proves nothing"
     worker.start()
     total = big + 500 + 10
-    eventually(lambda: _assert_equal(len(sinks.postgres([tenant])), total), timeout_s=240, interval_s=2,
+    eventually(lambda: assert_equal(len(sinks.postgres([tenant])), total), timeout_s=240, interval_s=2,
                context=worker.log_tail)
 
     # Every line once at least, none skipped; repeats only from the group in flight at the kill.
@@ -170,7 +167,7 @@ def test_s3_objects_are_fed_resumed_exactly_after_a_kill_and_grown_objects_conti
 
     # An object that grew: only its new lines are sent.
     client.put_object(Bucket=bucket, Key="acme/c.jsonl", Body=jsonl(tenant, "c", 15))
-    eventually(lambda: _assert_equal(len(sinks.postgres([tenant])), total + 5), timeout_s=60,
+    eventually(lambda: assert_equal(len(sinks.postgres([tenant])), total + 5), timeout_s=60,
                context=worker.log_tail)
     assert sorted(lines_by_file(kafka, topic)[f"s3://{bucket}/acme/c.jsonl"]) == list(range(1, 16))
     health = worker.get_json("/health/detailed")["adapters"]["s3"]
@@ -207,7 +204,7 @@ def test_sftp_files_are_taken_when_complete_resumed_after_a_kill_and_moved_when_
     assert before_restart < big + 300, "the files were done before the kill: proves nothing"
     worker.start()
     total = big + 300
-    eventually(lambda: _assert_equal(len(sinks.postgres([tenant])), total), timeout_s=240, interval_s=2,
+    eventually(lambda: assert_equal(len(sinks.postgres([tenant])), total), timeout_s=240, interval_s=2,
                context=worker.log_tail)
     sent = lines_by_file(kafka, f"{prefix}.source.sftp")
     label = f"sftp://{sftp_server.username}@127.0.0.1:{sftp_server.port}/{prefix}"
@@ -217,10 +214,10 @@ def test_sftp_files_are_taken_when_complete_resumed_after_a_kill_and_moved_when_
     assert 0 <= repeats <= 200, repeats
     print(f"sftp: {total} lines across the kill, {repeats} sent twice")
     # Done files were moved away; the unmarked file waited, and goes once its marker appears.
-    eventually(lambda: _assert_equal(sorted(p.name for p in (stable / "processed").iterdir()),
+    eventually(lambda: assert_equal(sorted(p.name for p in (stable / "processed").iterdir()),
                                      ["a.jsonl", "b.jsonl.gz"]), timeout_s=30)
     assert f"{label}/drop/d.jsonl" not in sent
     (marked / "d.jsonl.done").write_bytes(b"")
-    eventually(lambda: _assert_equal(len(sinks.postgres([tenant])), total + 7), timeout_s=60,
+    eventually(lambda: assert_equal(len(sinks.postgres([tenant])), total + 7), timeout_s=60,
                context=worker.log_tail)
     assert worker.get_json("/health/detailed")["adapters"]["sftp"]["last_error"] is None

@@ -14,7 +14,15 @@ from typing import Any
 
 from ingest_stream.ops.devstack import DevStack
 from tests.dataset import mixed_dataset, v2
-from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually, headers_of, run_tool
+from tests.integration.harness import (
+    Kafka,
+    SinkReader,
+    WorkerProcess,
+    assert_equal,
+    eventually,
+    headers_of,
+    run_tool,
+)
 from tests.integration.test_pipeline import LIMIT, PRODUCER_HEADER, source_topics
 
 FAST = {"INGEST_BREAKER_OPEN_S": "2", "INGEST_SINK_RETRY_BASE_S": "0.1", "INGEST_SINK_RETRY_CAP_S": "0.5",
@@ -119,10 +127,10 @@ def test_triage_summary_analyze_export_purge_and_redrive_after_a_fix(
         assert dlqtriage(worker, "redrive", *refusals, "--json")["skipped_not_retryable"] == 4
         done = dlqtriage(worker, "redrive", *refusals, "--force", "--json")
         assert done["sent_by_topic"] == {f"{prefix}.sink.postgres": 4}
-        eventually(lambda: _assert_equal(len(sinks.postgres([refused_tenant])), 4), timeout_s=60,
+        eventually(lambda: assert_equal(len(sinks.postgres([refused_tenant])), 4), timeout_s=60,
                    context=worker.log_tail)
         assert dlqtriage(worker, "redrive", *refusals, "--force", "--json")["sent"] == 0
-        eventually(lambda: _assert_equal(len(sinks.audit([refused_tenant])), 4), timeout_s=10)
+        eventually(lambda: assert_equal(len(sinks.audit([refused_tenant])), 4), timeout_s=10)
     finally:
         sinks.execute(f"ALTER TABLE ingest_records DROP CONSTRAINT IF EXISTS {constraint}")
 
@@ -144,6 +152,3 @@ def _assert_tenant_count(kafka: Kafka, prefix: str, tenant: str, count: int) -> 
     tenants = [h.get("dlq.tenant") for h in map(headers_of, kafka.read_all(f"{prefix}.dlq"))]
     assert tenants.count(tenant) == count
 
-
-def _assert_equal(actual: object, expected: object) -> None:
-    assert actual == expected
