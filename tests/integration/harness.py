@@ -276,6 +276,9 @@ def headers_of(message: Any) -> dict[str, str]:
 
 
 # --- the sinks -------------------------------------------------------------------------------
+READ_TIMEOUT_S = 30
+
+
 class SinkReader:
     """Reads what the three sinks hold for some tenants. One Bolt driver for the whole session
     (FalkorDB stops answering new connections after a driver is closed)."""
@@ -289,7 +292,11 @@ class SinkReader:
             "api_key": stack.typesense_api_key, "connection_timeout_seconds": 10})
 
     def run(self, coro: Any) -> Any:
-        return self._loop.run_until_complete(coro)
+        """Run one read; a server that stops answering fails the check instead of hanging the suite."""
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(coro, READ_TIMEOUT_S))
+        except TimeoutError as error:
+            raise AssertionError(f"a sink server did not answer a read within {READ_TIMEOUT_S}s") from error
 
     def postgres(self, tenants: Sequence[str]) -> dict[tuple[str, str], dict[str, Any]]:
         async def read() -> list[asyncpg.Record]:
