@@ -25,6 +25,7 @@ from ingest_stream.sinks.base import Sink
 from ingest_stream.sinks.guarded import GuardedSink
 from ingest_stream.stream.admin import install_admin_routes
 from ingest_stream.stream.backpressure import BackpressureController
+from ingest_stream.stream.batching import BatchStream, IngestApp
 from ingest_stream.stream.dlq import DeadLetters
 from ingest_stream.stream.sink_agent import SinkProcessor
 from ingest_stream.stream.source_agent import SourceProcessor
@@ -98,7 +99,7 @@ def faust_options(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Typesense request
-    app = faust.App(settings.app_id, **faust_options(settings))
+    app = IngestApp(settings.app_id, Stream=BatchStream, **faust_options(settings))
     metrics = metrics or Metrics(tenant_limit=settings.tenant_metrics_limit)
     topics = declare_topics(app, settings)
     tables = declare_tables(app, settings)
@@ -160,7 +161,7 @@ def _agent(app: faust.App, name: str, topic: faust.TopicT, handle: BatchHandler,
     by then everything the batch caused is durable, so its offsets may be committed."""
     async def agent(stream: faust.StreamT[Any]) -> None:
         await track_produced_topics(app, produced)
-        async for events in stream.noack_take(batch, within_s):  # type: ignore[attr-defined]
+        async for events in stream.unacked_batches(batch, within_s):  # type: ignore[attr-defined]
             await handle(events)
             for event in events:
                 await stream.ack(event)
@@ -214,6 +215,8 @@ def _backpressure_timer(app: faust.App, settings: Settings, controller: Backpres
 
     @app.on_partitions_assigned.connect
     async def hold_what_is_held(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        owned = sorted(f"{tp.topic}[{tp.partition}]" for tp in app.assignor.assigned_actives())
+        log.info("partitions owned after the rebalance (%d): %s", len(owned), " ".join(owned) or "none")
         controller.guard_resumes()
         controller.apply_soon()  # the consumer thread is inside this rebalance: queue behind it
 

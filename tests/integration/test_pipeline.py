@@ -157,6 +157,54 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka: Kafka, sinks: Sink
     print(f"stall restarts after the SIGKILL: {len(worker.exits)}")
 
 
+def test_a_second_worker_joins_then_the_first_leaves_mid_stream(kafka: Kafka, sinks: SinkReader, make_worker,
+                                                                prefix: str) -> None:
+    """Rebalances both ways while records flow: partitions and their dedupe tables move to a new
+    worker, then all of them to it when the first stops. Nothing lost, nothing older written, no
+    spurious dead letter, every offset committed."""
+    data = mixed_dataset(prefix, max_record_bytes=LIMIT)
+    with_bulk_tenant(data, f"{prefix}-bulk", revisions=4)
+    kafka.create_topics(source_topics(prefix))
+    half = len(data.messages) // 2
+    source = f"{prefix}.source.kafka"
+    first: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT))
+    first.start()
+    positions = kafka.produce(source, [(m.key, m.value) for m in data.messages[:half]],
+                              headers=[PRODUCER_HEADER])
+    eventually(lambda: _assert_forwarded_some(first), timeout_s=60, context=first.log_tail)
+
+    second: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT))
+    second.start()
+    # Only once the newcomer owns source partitions: otherwise the first could finish everything.
+    eventually(lambda: _assert_owns(second, source), timeout_s=120, context=second.log_tail)
+    positions += kafka.produce(source, [(m.key, m.value) for m in data.messages[half:]],
+                               headers=[PRODUCER_HEADER])
+    # The group rebalanced: the newcomer owns source partitions and forwards records from them.
+    eventually(lambda: _assert_forwarded_some(second), timeout_s=120, context=second.log_tail)
+    assert first.stop() == 0, first.log_tail()
+
+    expected_dlq = {(source, *positions[i], reason, stage) for i, reason, stage in data.dlq}
+
+    def converged() -> None:
+        assert_sinks_hold(sinks, data)
+        assert set(dlq_entries(kafka, f"{prefix}.dlq")) == expected_dlq
+
+    eventually(converged, timeout_s=240, interval_s=2, context=second.log_tail)
+    consumed = [source] + [f"{prefix}.sink.{s}" for s in SINKS]
+    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed), timeout_s=60, interval_s=2)
+    assert sinks.postgres_overwrites_of_newer(data.tenants) == []
+
+
+def _assert_owns(worker: WorkerProcess, topic: str) -> None:
+    owned = [line for line in worker.log_tail(400).splitlines()
+             if "partitions owned after the rebalance" in line]
+    assert owned and f"{topic}[" in owned[-1], owned[-1:] or "no rebalance logged yet"
+
+
+def _assert_forwarded_some(worker: WorkerProcess) -> None:
+    assert worker.metric("ingest_records_total", source="kafka", outcome="forwarded") > 0
+
+
 def _checkpoints(kafka: Kafka, prefix: str) -> dict[str, tuple[int, int]]:
     latest: dict[str, tuple[int, int]] = {}
     for message in kafka.read_all(f"it-{prefix}-checkpoints-kafka-changelog"):

@@ -1,0 +1,158 @@
+"""Faust, batched where it counts: the consumer's drain loop and the agents' batch reads.
+
+Profiled here, Faust's per-record machinery cost more than everything ingest_stream does with a
+record. Two places, each replaced by a subclass Faust lets the app plug in; nothing else changes.
+
+1. The consumer's drain loop (`BatchDrainConsumer`, via `IngestApp._new_transport`).
+
+Faust's `Consumer._drain_messages` hands every fetched record to the conductor through
+`Service.wait_first(callback(message), suspend_flow.wait())`, which wraps four awaitables in
+tasks (the callback, the suspend-flow event, the stopped and crashed events) and cancels three
+of them again — per record. Profiled here, that was the largest single cost of consuming.
+
+`BatchDrainConsumer` keeps the same semantics at the granularity of one `getmany()` fetch: the
+records of a fetch are delivered in order inside one awaitable raced against `suspend_flow`. When a
+rebalance suspends the flow, delivery of the fetch stops (Faust drops the rest of such a fetch
+too, and the consumer seeks to the committed offsets afterwards); the read offset only ever advances
+for records actually delivered, gaps and `commit_every` are handled as in Faust.
+
+2. The agents' batches (`BatchStream.unacked_batches`, via the `Stream` setting). `noack_take` runs every
+record through the stream's generic iterator and a buffering processor (a passive drainer task,
+events and futures per record). `unacked_batches` takes the events straight from the channel's queue
+with `get_nowait` while there are any, waiting only when it is empty. Per event it keeps what the
+iterator does that matters here: events from a previous consumer generation or while the flow is
+suspended (a rebalance) are acked and skipped, exactly as Faust does; acking topics track the
+message as unacked (graceful shutdown and `stream_wait_empty` wait for these). Stream-event sensors
+(Faust's Monitor) are not called: ingest_stream's own metrics are the observability.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import faust
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, EventT, Message
+from faust.types.transports import TransportT
+
+
+class BatchDrainConsumer(faust_aiokafka.Consumer):
+    async def _drain_messages(self, fetcher: Any) -> None:
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                self.diag.set_flag(CONSUMER_FETCHING)
+                fetched = self.getmany(timeout=1.0)
+                await asyncio.sleep(0)  # getmany may return at once, in a loop: let others run
+                if not self.should_stop:
+                    await self.wait_first(self._deliver(fetched), self.suspend_flow.wait())
+                self.diag.unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def _deliver(self, fetched: AsyncIterator[tuple[TP, Message]]) -> None:
+        """Hand one fetch's records to the conductor, in order (Faust's per-record loop body)."""
+        callback = self.callback
+        read_offsets = self._read_offset
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        commit_every = self._commit_every
+        since_yield = 0
+        async for tp, message in fetched:
+            since_yield += 1
+            if since_yield > 100:  # as Faust: a long fetch must not starve the loop
+                await asyncio.sleep(0)
+                since_yield = 0
+            offset = message.offset
+            read_offset = read_offsets[tp]
+            if read_offset is not None and offset < read_offset:
+                continue  # already delivered (Faust logs and drops these too)
+            if read_offset and offset - read_offset > 1 and acks_enabled_for(message.topic):
+                await self._add_gap(tp, read_offset + 1, offset)
+            if commit_every is not None and self._n_acked >= commit_every:
+                self._n_acked = 0
+                await self.commit()
+            await callback(message)
+            read_offsets[tp] = offset
+
+
+class BatchDrainTransport(faust_aiokafka.Transport):
+    Consumer = BatchDrainConsumer
+
+
+class BatchStream(faust.Stream):  # type: ignore[type-arg]
+    async def unacked_batches(self, max_: int, within_s: float) -> AsyncIterator[list[EventT[Any]]]:
+        """Batches of up to `max_` events, each yielded at most `within_s` after its first event.
+        The events are not acked: the caller acks each once what it caused is durable."""
+        self._finalized = True
+        self.enable_acks = False
+        started_by_us = await self.maybe_start()
+        queue = self.channel.queue  # type: ignore[attr-defined]
+        app = self.app
+        acking_topics = app.topics.acking_topics
+        track_unacked = app.consumer.unacked.add
+        on_message_in = self._on_message_in
+        try:
+            while not self.should_stop:
+                events: list[EventT[Any]] = []
+                deadline = 0.0
+                while len(events) < max_:
+                    if not queue.empty():
+                        event = queue.get_nowait()
+                    else:
+                        if not events:
+                            event = await queue.get()
+                        else:
+                            remaining = deadline - time.monotonic()
+                            if remaining <= 0:
+                                break
+                            try:
+                                event = await asyncio.wait_for(queue.get(), remaining)
+                            except TimeoutError:
+                                break
+                    message = event.message
+                    if (not app.flow_control.is_active()
+                            or message.generation_id != app.consumer_generation_id):
+                        await self.ack(event)  # stale (a rebalance): Faust acks and skips these
+                        continue
+                    if message.topic in acking_topics and not message.tracked:
+                        message.tracked = True
+                        track_unacked(message)
+                        on_message_in(message.tp, message.offset, message)
+                    if not events:
+                        deadline = time.monotonic() + within_s
+                    events.append(event)
+                if events:
+                    self.events_total += len(events)
+                    yield events
+        except StopAsyncIteration:
+            return  # the channel was stopped (worker shutdown): thrown into waiting getters, as in Faust
+        finally:
+            self._channel_stop_iteration(self.channel)
+            if started_by_us:
+                await self.stop()
+                self.service_reset()
+
+
+class IngestApp(faust.App):
+    """faust.App whose consumer drains fetches in batches (see the module docstring)."""
+
+    def _new_transport(self) -> TransportT:
+        return BatchDrainTransport(self.conf.broker_consumer, self)
