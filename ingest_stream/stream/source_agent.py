@@ -2,7 +2,7 @@
 
 Delivery: a batch's events are acked (so their offsets become committable) only after every
 forward and DLQ record they caused has been acknowledged by the broker, and their dedupe keys and
-checkpoints are in the table's changelog.
+checkpoints are in the table's changelog (written per batch: `BatchedTableWrites`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
 from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.dlq import DeadLetters, headers_of, position_of
-from ingest_stream.stream.tables import SourceTables, make_current
+from ingest_stream.stream.tables import BatchedTableWrites, SourceTables, make_current
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,10 @@ class SourceProcessor:
         self._app = app
         self._validator = validator
         self._tables = tables
-        self._sink_topics = sink_topics
+        # Names, not Topic objects: the fan-out goes straight to the producer. Faust's Topic.send
+        # wraps each record in a FutureMessage and a PendingMessage first; these topics are
+        # declared by their sink agents and carry bytes, so none of that applies.
+        self._sink_topic_names = [topic.get_topic_name() for topic in sink_topics]
         self._dead_letters = dead_letters
         self._ttl_ms = settings.dedupe_ttl_s * 1000
         self._outcomes = metrics.records.labels(source, "forwarded")
@@ -64,6 +67,9 @@ class SourceProcessor:
         deliveries: list[Awaitable[object]] = []
         checkpoints: dict[str, tuple[EventT[Any], int]] = {}
         now_ms = int(time.time() * 1000)
+        send = self._app.producer.send
+        seen_keys = BatchedTableWrites(self._tables.dedupe, self._app.producer)
+        checkpoint_writes = BatchedTableWrites(self._tables.checkpoints, self._app.producer)
         for event in events:
             message = event.message
             verdict = self._validator.check(message.value or b"")
@@ -75,9 +81,8 @@ class SourceProcessor:
             if not self._gate.keeps(self.source, record["priority"]):
                 continue  # brownout: still in the source topic, for a replay (README)
             headers = headers_of(event)
-            make_current(event)
             if not reprocessed(headers) and self._is_duplicate(
-                    dedupe.dedupe_key(record), message.partition, message.offset, now_ms):
+                    event, dedupe.dedupe_key(record), seen_keys, now_ms):
                 self._duplicate.inc()
                 self._duplicates.inc()
                 self._count_tenant(record["tenant"], "duplicate")
@@ -86,39 +91,42 @@ class SourceProcessor:
                 headers += origin_headers(position_of(event))
             key = entity_key(record["tenant"], record["id"]).encode()
             value = encode(record)
-            for topic in self._sink_topics:
-                deliveries.append(await topic.send(key=key, value=value, headers=headers))
+            for topic_name in self._sink_topic_names:
+                deliveries.append(await send(topic_name, key, value, None, None, headers))
             self._outcomes.inc()
             self._count_tenant(record["tenant"], "forwarded")
             checkpoint = f"{record['tenant']}:{self.source}:{message.partition}"
             previous = checkpoints.get(checkpoint)
             event_ms = epoch_ms(record["event_time"])
             checkpoints[checkpoint] = (event, max(event_ms, previous[1] if previous else event_ms))
-        self._write_checkpoints(checkpoints, now_ms)
+        self._write_checkpoints(checkpoints, checkpoint_writes, now_ms)
+        deliveries.append(await seen_keys.flush())
+        deliveries.append(await checkpoint_writes.flush())
         await asyncio.gather(*deliveries)  # raises if the broker refused any of them
-        await self._app.producer.flush()  # table changelog writes are sent with send_soon
 
     def _count_tenant(self, tenant: str, outcome: str) -> None:
         self._metrics.tenant_records.labels(self._metrics.tenant(tenant), outcome).inc()
 
-    def _is_duplicate(self, key: str, partition: int, offset: int, now_ms: int) -> bool:
-        table = self._tables.dedupe
-        stored = table.get(key)
+    def _is_duplicate(self, event: EventT[Any], key: str, seen_keys: BatchedTableWrites, now_ms: int) -> bool:
+        message = event.message
+        make_current(event)  # the table reads this partition's RocksDB
+        stored = self._tables.dedupe.get(key)
         seen = dedupe.SeenEntry.decode(stored) if stored is not None else None
-        decision = dedupe.decide(seen, partition=partition, offset=offset, now_ms=now_ms,
+        decision = dedupe.decide(seen, partition=message.partition, offset=message.offset, now_ms=now_ms,
                                  ttl_ms=self._ttl_ms)
         if decision is dedupe.DedupeDecision.NEW:
-            table[key] = dedupe.SeenEntry(partition, offset, now_ms).encode()
+            seen_keys.set(event, key, dedupe.SeenEntry(message.partition, message.offset, now_ms).encode())
         return decision is dedupe.DedupeDecision.DUPLICATE
 
-    def _write_checkpoints(self, checkpoints: dict[str, tuple[EventT[Any], int]], now_ms: int) -> None:
+    def _write_checkpoints(self, checkpoints: dict[str, tuple[EventT[Any], int]],
+                           writes: BatchedTableWrites, now_ms: int) -> None:
         table = self._tables.checkpoints
         for name, (event, event_ms) in checkpoints.items():
             make_current(event)
             previous = table.get(name)
             if previous is not None:
                 event_ms = max(event_ms, orjson.loads(previous)["event_time_ms"])
-            table[name] = orjson.dumps({
+            writes.set(event, name, orjson.dumps({
                 "topic": event.message.topic, "partition": event.message.partition,
                 "offset": event.message.offset, "event_time_ms": event_ms, "updated_at_ms": now_ms,
-            }).decode()
+            }).decode())
