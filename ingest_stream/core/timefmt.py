@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime
 
@@ -10,8 +11,12 @@ _RFC3339 = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=16384)
 def parse_rfc3339(text: str) -> datetime:
-    """Parse an RFC 3339 date-time (calendar-checked) into an aware datetime; ValueError if not one."""
+    """Parse an RFC 3339 date-time (calendar-checked) into an aware datetime; ValueError if not one.
+
+    Cached: one record's times are parsed by the validator, the checkpoints and every sink agent's
+    lag metric in the same worker, usually within one batch (datetimes are immutable)."""
     match = _RFC3339.match(text)
     if match is None:
         raise ValueError(f"not an RFC 3339 date-time: {text[:64]!r}")
