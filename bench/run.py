@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -18,17 +19,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.common import proc_figures
-from ingest_stream.config import Settings
+from ingest_stream.config import SOURCES, Settings
 from ingest_stream.ops.devstack import DevStack, free_port
 from ingest_stream.ops.produce import produce, synthetic_records
 
@@ -43,8 +47,11 @@ def create_topics(bootstrap: str, names: list[str]) -> None:
         future.result(30)
 
 
-def records(count: int) -> list[bytes]:
-    return [orjson.dumps(r) for r in synthetic_records(count, entities=count, tenants=3)]
+def records(count: int, tenant_prefix: str = "tenant") -> list[bytes]:
+    """`count` records, one revision per entity; a stage writing to the sinks uses its own tenants
+    (rewriting another stage's revisions would be cheaper: skipped as equal)."""
+    return [orjson.dumps(r) for r in synthetic_records(count, entities=count, tenants=3,
+                                                       tenant_prefix=tenant_prefix)]
 
 
 async def committed(bootstrap: str, group: str, topics: list[str]) -> dict[str, int]:
@@ -72,34 +79,136 @@ def wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes], timeou
     raise RuntimeError(f"{text!r} not seen in {log} after {timeout_s}s")
 
 
-def run_process_stage(argv: list[str], env: dict[str, str], log: Path, bootstrap: str, group: str,
-                      expected: dict[str, int]) -> dict[str, Any]:
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=ROOT)
+@contextlib.contextmanager
+def worker_processes(argv: list[str], envs: list[dict[str, str]], logs: list[Path]
+                     ) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start one process per env, wait until each says "Worker ready", stop them all on exit."""
+    processes = []
     try:
-        wait_for_line(log, "Worker ready", process)
-        started, start_figures = time.monotonic(), proc_figures(process.pid)
-        deadline = started + 1800
-        while time.monotonic() < deadline:
-            done = asyncio.run(committed(bootstrap, group, list(expected)))
-            if all(done[t] >= n for t, n in expected.items()):
-                break
-            if process.poll() is not None:
-                raise RuntimeError(f"stage exited ({process.returncode}); log: {log}")
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"stage did not finish in time; log: {log}")
-        elapsed = time.monotonic() - started
-        end_figures = proc_figures(process.pid)
+        for env, log in zip(envs, logs, strict=True):
+            with log.open("wb") as out:
+                processes.append(subprocess.Popen(argv, env={**os.environ, **env}, stdout=out,
+                                                  stderr=subprocess.STDOUT, cwd=ROOT))
+        for process, log in zip(processes, logs, strict=True):
+            wait_for_line(log, "Worker ready", process)
+        yield processes
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    return {"seconds": elapsed, "cpu_seconds": end_figures["cpu_seconds"] - start_figures["cpu_seconds"],
-            "peak_rss_mib": end_figures["peak_rss_mib"]}
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def wait_committed(processes: list[subprocess.Popen[bytes]], bootstrap: str, group: str,
+                   expected: dict[str, int], timeout_s: float = 1800) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = asyncio.run(committed(bootstrap, group, list(expected)))
+        if all(done[t] >= n for t, n in expected.items()):
+            return
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"a stage process exited ({process.returncode})")
+        time.sleep(0.2)
+    raise RuntimeError(f"group {group} did not commit {expected} in {timeout_s}s")
+
+
+def run_process_stage(argv: list[str], envs: list[dict[str, str]], logs: list[Path], bootstrap: str,
+                      group: str, expected: dict[str, int]) -> dict[str, Any]:
+    """Time the processes (already holding a prefilled topic) until the group committed `expected`."""
+    with worker_processes(argv, envs, logs) as processes:
+        started = time.monotonic()
+        before = [proc_figures(p.pid) for p in processes]
+        wait_committed(processes, bootstrap, group, expected)
+        elapsed = time.monotonic() - started
+        after = [proc_figures(p.pid) for p in processes]
+    cpu = sum(a["cpu_seconds"] - b["cpu_seconds"] for a, b in zip(after, before, strict=True))
+    return {"seconds": elapsed, "cpu_seconds": cpu,
+            "peak_rss_mib": max(a["peak_rss_mib"] for a in after)}
+
+
+class IngestStages:
+    """Stage (c): ingest_stream workers on their own topic prefix, tenants and state."""
+
+    def __init__(self, stack: DevStack, settings: Settings, work: Path, sinks: str) -> None:
+        self.stack, self.settings, self.work, self.sinks = stack, settings, work, sinks
+
+    def _envs(self, prefix: str, workers: int) -> list[dict[str, str]]:
+        return [{**self.stack.settings_env(), "INGEST_APP_ID": f"{prefix}-ingest",
+                 "INGEST_TOPIC_PREFIX": prefix, "INGEST_DATA_DIR": str(self.work / f"{prefix}-data-{i}"),
+                 "INGEST_WEB_PORT": str(free_port()), "INGEST_WEB_HOST": "127.0.0.1",
+                 "INGEST_LOG_LEVEL": "info", "INGEST_SINKS": self.sinks}
+                for i in range(workers)]
+
+    def _expected(self, prefix: str, n: int) -> dict[str, int]:
+        return {f"{prefix}.source.kafka": n} | {f"{prefix}.sink.{s}": n for s in self.settings.sinks}
+
+    def _topics(self, prefix: str) -> None:
+        create_topics(self.stack.kafka_bootstrap, [f"{prefix}.source.{s}" for s in SOURCES])
+
+    def throughput(self, prefix: str, n: int, workers: int) -> dict[str, Any]:
+        self._topics(prefix)
+        asyncio.run(produce(self.settings, records(n, tenant_prefix=prefix), topic=f"{prefix}.source.kafka",
+                            progress_every=10**9))
+        return run_process_stage(WORKER_ARGV, self._envs(prefix, workers),
+                                 [self.work / f"{prefix}-{i}.log" for i in range(workers)],
+                                 self.stack.kafka_bootstrap, f"{prefix}-ingest", self._expected(prefix, n))
+
+    def latency(self, prefix: str, rate: float, seconds: float) -> dict[str, Any]:
+        """Records stamped with the moment they are produced, at `rate`: Postgres's own clock
+        (`updated_at`, the writing transaction's start) minus the event time, per record; and each
+        sink's share within 1 s from the worker's `ingest_lag_seconds` histogram."""
+        self._topics(prefix)
+        n = int(rate * seconds)
+        envs = self._envs(prefix, 1)
+        with worker_processes(WORKER_ARGV, envs, [self.work / f"{prefix}.log"]) as processes:
+            values = (orjson.dumps(r) for r in synthetic_records(
+                n, entities=n, tenants=3, tenant_prefix=prefix, stamp_now=True))
+            asyncio.run(produce(self.settings, values, topic=f"{prefix}.source.kafka", rate=rate,
+                                progress_every=10**9))
+            wait_committed(processes, self.stack.kafka_bootstrap, f"{prefix}-ingest",
+                           self._expected(prefix, n))
+            within = within_1s(f"http://127.0.0.1:{envs[0]['INGEST_WEB_PORT']}/metrics")
+        p50, p95, p99 = asyncio.run(postgres_latency(self.stack.postgres_dsn, f"{prefix}-%"))
+        return {"rate": round(rate, 1), "records": n, "postgres_p50_s": p50, "postgres_p95_s": p95,
+                "postgres_p99_s": p99, "within_1s_by_sink": within}
+
+
+WORKER_ARGV = [sys.executable, "-m", "ingest_stream.cli", "worker"]
+
+
+async def postgres_latency(dsn: str, tenants_like: str) -> tuple[float, float, float]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP "
+            "(ORDER BY extract(epoch FROM updated_at - event_time)) AS p FROM ingest_records "
+            "WHERE tenant LIKE $1", tenants_like)
+    finally:
+        await conn.close()
+    p50, p95, p99 = (round(float(v), 3) for v in row["p"])
+    return p50, p95, p99
+
+
+def within_1s(metrics_url: str) -> dict[str, float]:
+    """Per sink, the share of records whose source-to-sink latency was at most 1 s."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    at_most, total = {}, {}
+    for line in text.splitlines():
+        if not line.startswith("ingest_lag_seconds_bucket{"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        labels = dict(part.split("=", 1) for part in series[series.index("{") + 1:-1].split(","))
+        sink = labels["sink"].strip('"')
+        if labels["le"].strip('"') == "1.0":
+            at_most[sink] = at_most.get(sink, 0.0) + float(value)
+        if labels["le"].strip('"') == "+Inf":
+            total[sink] = total.get(sink, 0.0) + float(value)
+    return {sink: round(at_most.get(sink, 0.0) / count, 4) for sink, count in total.items() if count}
 
 
 def summarize(name: str, count: int, figures: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +222,10 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=50_000)
     parser.add_argument("--sinks", default="postgres,neo4j,typesense",
                         help="sinks stage (c) writes to (INGEST_SINKS)")
+    parser.add_argument("--two-workers", action="store_true",
+                        help="also run stage (c) with two worker processes (scaling)")
+    parser.add_argument("--latency-seconds", type=float, default=20,
+                        help="paced run at 80%% of (c)'s rate for this long; 0 skips it")
     args = parser.parse_args()
     n = args.records
     values = records(n)
@@ -136,21 +249,22 @@ def main() -> int:
                      "BENCH_TARGET": "bench.faust.out", "BENCH_WEB_PORT": str(free_port()),
                      "BENCH_DATA_DIR": str(work / "faust-data")}
         stages["b_faust"] = summarize("bare Faust pass-through", n, run_process_stage(
-            [sys.executable, "-m", "bench.faust_pass", "worker", "-l", "info"], faust_env, work / "faust.log",
-            bootstrap, "bench-faust-pass", {"bench.faust.in": n}))
+            [sys.executable, "-m", "bench.faust_pass", "worker", "-l", "info"], [faust_env],
+            [work / "faust.log"], bootstrap, "bench-faust-pass", {"bench.faust.in": n}))
         print(stages["b_faust"], file=sys.stderr)
 
-        prefix = "bench"
-        create_topics(bootstrap, [f"{prefix}.source.{s}" for s in ("kafka", "webhook", "s3", "sftp")])
-        asyncio.run(produce(settings, values, topic=f"{prefix}.source.kafka", progress_every=10**9))
-        ingest_env = {**stack.settings_env(), "INGEST_APP_ID": "bench-ingest", "INGEST_TOPIC_PREFIX": prefix,
-                      "INGEST_DATA_DIR": str(work / "ingest-data"), "INGEST_WEB_PORT": str(free_port()),
-                      "INGEST_WEB_HOST": "127.0.0.1", "INGEST_LOG_LEVEL": "info", "INGEST_SINKS": args.sinks}
-        expected = {f"{prefix}.source.kafka": n} | {f"{prefix}.sink.{s}": n for s in settings.sinks}
-        stages["c_ingest_stream"] = summarize("ingest_stream end to end", n, run_process_stage(
-            [sys.executable, "-m", "ingest_stream.cli", "worker"], ingest_env, work / "ingest.log",
-            bootstrap, "bench-ingest", expected))
+        ingest = IngestStages(stack, settings, work, args.sinks)
+        stages["c_ingest_stream"] = summarize("ingest_stream end to end", n, ingest.throughput("bench", n, 1))
         print(stages["c_ingest_stream"], file=sys.stderr)
+        if args.two_workers:
+            stages["c2_two_workers"] = summarize("ingest_stream, 2 workers", n,
+                                                 ingest.throughput("bench2", n, 2))
+            print(stages["c2_two_workers"], file=sys.stderr)
+        latency = None
+        if args.latency_seconds:
+            rate = 0.8 * stages["c_ingest_stream"]["records_per_s"]
+            latency = ingest.latency("benchlat", rate, args.latency_seconds)
+            print(latency, file=sys.stderr)
 
     a, b, c = (stages[k]["records_per_s"] for k in ("a_raw", "b_faust", "c_ingest_stream"))
     result = {
@@ -159,8 +273,10 @@ def main() -> int:
                     "platform": platform.platform()},
         "sinks": args.sinks, "stages": stages,
         "ratio_vs_raw": round(c / a, 3), "ratio_vs_faust": round(c / b, 3),
-        "latency": "not measured yet (needs a paced run; see issue 8)",
+        "latency": latency,
     }
+    if "c2_two_workers" in stages:
+        result["two_workers_speedup"] = round(stages["c2_two_workers"]["records_per_s"] / c, 2)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(result, indent=2))
@@ -169,6 +285,12 @@ def main() -> int:
         print(f"{stage['stage']:<28} {stage['records_per_s']:>10} {stage['cpu_us_per_record']:>11} "
               f"{stage['peak_rss_mib']:>13}")
     print(f"c/a = {result['ratio_vs_raw']}, c/b = {result['ratio_vs_faust']}  ({path})")
+    if "two_workers_speedup" in result:
+        print(f"2 workers / 1 worker = {result['two_workers_speedup']}")
+    if latency:
+        print(f"latency at {latency['rate']:.0f} records/s (80 % of c): postgres p50/p95/p99 = "
+              f"{latency['postgres_p50_s']}/{latency['postgres_p95_s']}/{latency['postgres_p99_s']} s; "
+              f"share within 1 s by sink: {latency['within_1s_by_sink']}")
     return 0
 
 

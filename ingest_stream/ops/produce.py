@@ -22,8 +22,12 @@ log = logging.getLogger(__name__)
 
 
 def synthetic_records(count: int, *, seed: int = 1, tenants: int = 3, entities: int = 1000,
-                      source: str = "kafka") -> Iterator[dict[str, Any]]:
-    """Valid v2 records over a fixed set of entities; each entity's revisions grow in order."""
+                      source: str = "kafka", tenant_prefix: str = "tenant",
+                      stamp_now: bool = False) -> Iterator[dict[str, Any]]:
+    """Valid v2 records over a fixed set of entities; each entity's revisions grow in order.
+
+    Event times are one second apart, ending now; with `stamp_now` each record's event time is the
+    moment it is generated (for measuring source-to-sink latency of a paced stream)."""
     rng = random.Random(seed)
     revisions: dict[tuple[int, int], int] = {}
     start = datetime.now(UTC) - timedelta(seconds=count)
@@ -31,9 +35,9 @@ def synthetic_records(count: int, *, seed: int = 1, tenants: int = 3, entities: 
         entity = (rng.randrange(tenants), rng.randrange(entities))
         revisions[entity] = revisions.get(entity, -1) + 1
         yield {
-            "schema_version": 2, "tenant": f"tenant-{entity[0]}", "source": source,
+            "schema_version": 2, "tenant": f"{tenant_prefix}-{entity[0]}", "source": source,
             "id": f"doc-{entity[1]}", "revision": revisions[entity],
-            "event_time": format_rfc3339(start + timedelta(seconds=n)),
+            "event_time": format_rfc3339(datetime.now(UTC) if stamp_now else start + timedelta(seconds=n)),
             "priority": rng.choice(("high", "normal", "normal", "low")), "kind": "document",
             "attributes": {"title": f"document {entity[1]} rev {revisions[entity]}",
                            "body": "lorem ipsum " * rng.randint(1, 8)},
