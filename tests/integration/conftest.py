@@ -113,6 +113,23 @@ def sinks(stack: DevStack) -> Iterator[SinkReader]:
     reader.close()
 
 
+@pytest.fixture(autouse=True)
+def servers_survive(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test after which a server of the stack is dead fails with that server's log tail, and the
+    server is started again so that later tests do not fail for it (chaos tests restart their own)."""
+    yield
+    if "stack" not in request.fixturenames:
+        return
+    stack: DevStack = request.getfixturevalue("stack")
+    dead = {name: (server.process.returncode if server.process else None, server.log_tail(40))
+            for name, server in stack.servers.items() if not server.running}
+    for name in dead:
+        stack.servers[name].start()
+    if dead:
+        pytest.fail("server(s) died during the test: " + "\n".join(
+            f"--- {name} (exit {code}) ---\n{tail}" for name, (code, tail) in dead.items()))
+
+
 @pytest.fixture
 def prefix() -> str:
     """Topics, consumer group and tenants of one test are its own."""
