@@ -1,10 +1,12 @@
-"""`python -m bench.run [--records N]`: three stages on one embedded broker, one after another —
-(a) the raw aiokafka pipeline (bench/raw.py), (b) a bare Faust pass-through (bench/faust_pass.py),
-(c) ingest_stream end to end (source topic → validate → dedupe → sink topics → the three sinks
-committed) — each on a prefilled topic of the same N synthetic records (~320 bytes, one revision
-per entity). Reports records/s, CPU µs/record, peak RSS, and c/a, c/b; writes
-bench/results/<timestamp>.json. Timing starts when a stage is consuming (Faust: "Worker ready")
-and ends when its consumer group has committed every record.
+"""`python -m bench.run [--records N] [--sinks ...] [--two-workers] [--latency-seconds S] [--soak-seconds S]`.
+
+Stages on one embedded broker, one after another, each on a prefilled topic of N synthetic records
+(~320 bytes, one revision per entity): (a) the raw aiokafka pipeline (bench/raw.py), (b) a bare
+Faust pass-through (bench/faust_pass.py), (c) ingest_stream end to end (source topic → validate →
+dedupe → sink topics → sinks committed), optionally (c2) the same with two worker processes.
+Timing starts when a stage is consuming (Faust: "Worker ready") and ends when its consumer group
+has committed every record. Then a paced run at 80 % of (c)'s rate measures source-to-sink latency,
+and optionally a soak at 50 % samples the worker's memory. Writes bench/results/<timestamp>.json.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -157,6 +160,14 @@ class IngestStages:
                                  [self.work / f"{prefix}-{i}.log" for i in range(workers)],
                                  self.stack.kafka_bootstrap, f"{prefix}-ingest", self._expected(prefix, n))
 
+    def _paced(self, processes: list[subprocess.Popen[bytes]], prefix: str, rate: float, n: int) -> None:
+        """Produce `n` records stamped with the moment they are sent, at `rate`; wait until done."""
+        values = (orjson.dumps(r) for r in synthetic_records(
+            n, entities=n, tenants=3, tenant_prefix=prefix, stamp_now=True))
+        asyncio.run(produce(self.settings, values, topic=f"{prefix}.source.kafka", rate=rate,
+                            progress_every=10**9))
+        wait_committed(processes, self.stack.kafka_bootstrap, f"{prefix}-ingest", self._expected(prefix, n))
+
     def latency(self, prefix: str, rate: float, seconds: float) -> dict[str, Any]:
         """Records stamped with the moment they are produced, at `rate`: Postgres's own clock
         (`updated_at`, the writing transaction's start) minus the event time, per record; and each
@@ -165,16 +176,46 @@ class IngestStages:
         n = int(rate * seconds)
         envs = self._envs(prefix, 1)
         with worker_processes(WORKER_ARGV, envs, [self.work / f"{prefix}.log"]) as processes:
-            values = (orjson.dumps(r) for r in synthetic_records(
-                n, entities=n, tenants=3, tenant_prefix=prefix, stamp_now=True))
-            asyncio.run(produce(self.settings, values, topic=f"{prefix}.source.kafka", rate=rate,
-                                progress_every=10**9))
-            wait_committed(processes, self.stack.kafka_bootstrap, f"{prefix}-ingest",
-                           self._expected(prefix, n))
+            started, before = time.monotonic(), proc_figures(processes[0].pid)
+            self._paced(processes, prefix, rate, n)
+            busy = (proc_figures(processes[0].pid)["cpu_seconds"] - before["cpu_seconds"]) / (
+                time.monotonic() - started)
             within = within_1s(f"http://127.0.0.1:{envs[0]['INGEST_WEB_PORT']}/metrics")
         p50, p95, p99 = asyncio.run(postgres_latency(self.stack.postgres_dsn, f"{prefix}-%"))
         return {"rate": round(rate, 1), "records": n, "postgres_p50_s": p50, "postgres_p95_s": p95,
-                "postgres_p99_s": p99, "within_1s_by_sink": within}
+                "postgres_p99_s": p99, "within_1s_by_sink": within, "worker_cpu_share": round(busy, 2)}
+
+    def soak(self, prefix: str, rate: float, seconds: float) -> dict[str, Any]:
+        """A paced run of `seconds`, sampling the worker's resident memory every 10 s: it must
+        stay flat (dedupe keys live in RocksDB, not in Python)."""
+        self._topics(prefix)
+        n = int(rate * seconds)
+        samples: list[float] = []
+        with worker_processes(WORKER_ARGV, self._envs(prefix, 1), [self.work / f"{prefix}.log"]) as processes:
+            pid = processes[0].pid
+            done = threading.Event()
+
+            def sample() -> None:
+                while not done.wait(10):
+                    samples.append(rss_mib(pid))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            samples.append(rss_mib(pid))
+            sampler.start()
+            self._paced(processes, prefix, rate, n)
+            done.set()
+            sampler.join()
+            samples.append(rss_mib(pid))
+        return {"rate": round(rate, 1), "seconds": seconds, "records": n, "rss_start_mib": samples[0],
+                "rss_end_mib": samples[-1], "rss_max_mib": max(samples), "rss_samples_mib": samples}
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
 
 
 WORKER_ARGV = [sys.executable, "-m", "ingest_stream.cli", "worker"]
@@ -226,6 +267,8 @@ def main() -> int:
                         help="also run stage (c) with two worker processes (scaling)")
     parser.add_argument("--latency-seconds", type=float, default=20,
                         help="paced run at 80%% of (c)'s rate for this long; 0 skips it")
+    parser.add_argument("--soak-seconds", type=float, default=0,
+                        help="memory soak: a paced run at 50%% of (c)'s rate for this long (600 = 10 min)")
     args = parser.parse_args()
     n = args.records
     values = records(n)
@@ -265,6 +308,11 @@ def main() -> int:
             rate = 0.8 * stages["c_ingest_stream"]["records_per_s"]
             latency = ingest.latency("benchlat", rate, args.latency_seconds)
             print(latency, file=sys.stderr)
+        soak = None
+        if args.soak_seconds:
+            rate = 0.5 * stages["c_ingest_stream"]["records_per_s"]
+            soak = ingest.soak("benchsoak", rate, args.soak_seconds)
+            print(soak, file=sys.stderr)
 
     a, b, c = (stages[k]["records_per_s"] for k in ("a_raw", "b_faust", "c_ingest_stream"))
     result = {
@@ -274,6 +322,7 @@ def main() -> int:
         "sinks": args.sinks, "stages": stages,
         "ratio_vs_raw": round(c / a, 3), "ratio_vs_faust": round(c / b, 3),
         "latency": latency,
+        "soak": soak,
     }
     if "c2_two_workers" in stages:
         result["two_workers_speedup"] = round(stages["c2_two_workers"]["records_per_s"] / c, 2)
@@ -287,6 +336,10 @@ def main() -> int:
     print(f"c/a = {result['ratio_vs_raw']}, c/b = {result['ratio_vs_faust']}  ({path})")
     if "two_workers_speedup" in result:
         print(f"2 workers / 1 worker = {result['two_workers_speedup']}")
+    if soak:
+        print(f"soak {soak['seconds']:.0f} s at {soak['rate']:.0f} records/s: worker RSS "
+              f"{soak['rss_start_mib']} MiB at start, {soak['rss_end_mib']} MiB at the end, "
+              f"max {soak['rss_max_mib']} MiB")
     if latency:
         print(f"latency at {latency['rate']:.0f} records/s (80 % of c): postgres p50/p95/p99 = "
               f"{latency['postgres_p50_s']}/{latency['postgres_p95_s']}/{latency['postgres_p99_s']} s; "

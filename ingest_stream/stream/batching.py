@@ -16,8 +16,8 @@ rebalance suspends the flow, delivery of the fetch stops (Faust drops the rest o
 too, and the consumer seeks to the committed offsets afterwards); the read offset only ever advances
 for records actually delivered, gaps and `commit_every` are handled as in Faust.
 
-2. The agents' batches (`BatchStream.unacked_batches`, via the `Stream` setting). `noack_take` runs every
-record through the stream's generic iterator and a buffering processor (a passive drainer task,
+2. The agents' batches (`BatchStream.unacked_batches`, via the `Stream` setting). `noack_take` runs
+every record through the stream's generic iterator and a buffering processor (a passive drainer task,
 events and futures per record). `unacked_batches` takes the events straight from the channel's queue
 with `get_nowait` while there are any, waiting only when it is empty. Per event it keeps what the
 iterator does that matters here: events from a previous consumer generation or while the flow is
