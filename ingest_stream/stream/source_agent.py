@@ -26,6 +26,7 @@ from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
 from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.dlq import DeadLetters, headers_of, position_of
+from ingest_stream.stream.record_batches import RecordBatches
 from ingest_stream.stream.tables import BatchedTableWrites, SourceTables, make_current
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,9 @@ class SourceProcessor:
         self._app = app
         self._validator = validator
         self._tables = tables
-        # Names, not Topic objects: the fan-out goes straight to the producer. Faust's Topic.send
-        # wraps each record in a FutureMessage and a PendingMessage first; these topics are
-        # declared by their sink agents and carry bytes, so none of that applies.
+        # Names, not Topic objects: the fan-out goes to the producer in record batches (Faust's
+        # Topic.send wraps each record in a FutureMessage and a PendingMessage, then aiokafka a
+        # future per record); these topics are declared by their sink agents and carry bytes.
         self._sink_topic_names = [topic.get_topic_name() for topic in sink_topics]
         self._dead_letters = dead_letters
         self._ttl_ms = settings.dedupe_ttl_s * 1000
@@ -67,9 +68,9 @@ class SourceProcessor:
         deliveries: list[Awaitable[object]] = []
         checkpoints: dict[str, tuple[EventT[Any], int]] = {}
         now_ms = int(time.time() * 1000)
-        send = self._app.producer.send
-        seen_keys = BatchedTableWrites(self._tables.dedupe, self._app.producer)
-        checkpoint_writes = BatchedTableWrites(self._tables.checkpoints, self._app.producer)
+        batches = RecordBatches(self._app.producer._ensure_producer())  # type: ignore[attr-defined]
+        seen_keys = BatchedTableWrites(self._tables.dedupe)
+        checkpoint_writes = BatchedTableWrites(self._tables.checkpoints)
         for event in events:
             message = event.message
             verdict = self._validator.check(message.value or b"")
@@ -92,7 +93,7 @@ class SourceProcessor:
             key = entity_key(record["tenant"], record["id"]).encode()
             value = encode(record)
             for topic_name in self._sink_topic_names:
-                deliveries.append(await send(topic_name, key, value, None, None, headers))
+                await batches.add(topic_name, key, value, headers)
             self._outcomes.inc()
             self._count_tenant(record["tenant"], "forwarded")
             checkpoint = f"{record['tenant']}:{self.source}:{message.partition}"
@@ -100,9 +101,13 @@ class SourceProcessor:
             event_ms = epoch_ms(record["event_time"])
             checkpoints[checkpoint] = (event, max(event_ms, previous[1] if previous else event_ms))
         self._write_checkpoints(checkpoints, checkpoint_writes, now_ms)
-        deliveries.append(await seen_keys.flush())
-        deliveries.append(await checkpoint_writes.flush())
-        await asyncio.gather(*deliveries)  # raises if the broker refused any of them
+        await seen_keys.add_to(batches)
+        await checkpoint_writes.add_to(batches)
+        sent = await batches.send()
+        # Raises if the broker refused any of them; only then may the batch be acked.
+        await asyncio.gather(*deliveries, *(batch.delivery for batch in sent))
+        await seen_keys.persist_offsets(sent)
+        await checkpoint_writes.persist_offsets(sent)
 
     def _count_tenant(self, tenant: str, outcome: str) -> None:
         self._metrics.tenant_records.labels(self._metrics.tenant(tenant), outcome).inc()

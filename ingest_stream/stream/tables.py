@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from faust.types import TP, EventT
 
 from ingest_stream.config import SOURCES, Settings
 from ingest_stream.core.dedupe import SeenEntry
+from ingest_stream.stream.record_batches import RecordBatches, SentBatch
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +76,20 @@ async def evict_expired(table: faust.types.TableT[str, str], *, now_ms: int, ttl
 
 
 class BatchedTableWrites:
-    """A batch's writes to one table: the store at once, the changelog in one go at the end.
+    """A batch's writes to one table: the store at once, the changelog with the batch's records.
 
     `table[key] = value` sends each change through Faust's send_soon buffer (a FutureMessage, a
     pending-message queue, and a RocksDB write of the persisted changelog offset per change): the
     most expensive thing a record did here. Same effect, per batch: the store is written at once
     (reads later in the batch see it), the changelog records (same bytes, same partition as Faust
-    sends) go straight to the producer, and each partition's persisted offset is written once,
-    after delivery. The caller awaits `flush()` before acking the batch, as with any Faust write.
+    sends) join the batch's `RecordBatches`, and each partition's persisted offset is written once,
+    after delivery. The caller acks the batch only after that, as with any Faust write.
     """
 
-    def __init__(self, table: faust.types.TableT[str, str], producer: Any) -> None:
+    def __init__(self, table: faust.types.TableT[str, str]) -> None:
         self._table = table
-        self._producer = producer
+        self._changelog = table.changelog_topic
+        self.topic_name = self._changelog.get_topic_name()
         self._pending: list[tuple[int, str, str]] = []
 
     def set(self, event: EventT[Any], key: str, value: str) -> None:
@@ -95,22 +97,20 @@ class BatchedTableWrites:
         self._table.data[key] = value
         self._pending.append((event.message.partition, key, value))
 
-    async def flush(self) -> Awaitable[None]:
-        """Send the changelog records; returns what to await for their delivery."""
-        table, pending, self._pending = self._table, self._pending, []
-        changelog = table.changelog_topic
-        name = changelog.get_topic_name()
-        deliveries = []
-        for partition, key, value in pending:
+    async def add_to(self, batches: RecordBatches) -> None:
+        """The changelog records of the writes so far, into the batch's record batches."""
+        table, changelog = self._table, self._changelog
+        for partition, key, value in self._pending:
             key_bytes, _ = changelog.prepare_key(key, table.key_serializer)  # type: ignore[attr-defined]
             value_bytes, _ = changelog.prepare_value(value, table.value_serializer)  # type: ignore[attr-defined]
-            deliveries.append(await self._producer.send(name, key_bytes, value_bytes, partition, None, None))
+            await batches.add(self.topic_name, key_bytes, value_bytes, partition=partition)
+        self._pending = []
 
-        async def delivered() -> None:
-            newest: dict[int, int] = {}
-            for metadata in await asyncio.gather(*deliveries):
-                newest[metadata.partition] = max(newest.get(metadata.partition, -1), metadata.offset)
-            for partition, offset in newest.items():
-                table.data.set_persisted_offset(TP(name, partition), offset)  # type: ignore[attr-defined]
-
-        return delivered()
+    async def persist_offsets(self, sent: Iterable[SentBatch]) -> None:
+        """After delivery: each changelog partition's newest offset, as Faust's send callback does."""
+        newest: dict[int, int] = {}
+        for batch in sent:
+            if batch.topic == self.topic_name:
+                newest[batch.partition] = max(newest.get(batch.partition, -1), await batch.last_offset())
+        for partition, offset in newest.items():
+            self._table.data.set_persisted_offset(TP(self.topic_name, partition), offset)  # type: ignore[attr-defined]
