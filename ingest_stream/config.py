@@ -57,6 +57,7 @@ class Settings:
     sink_batch_size: int = 500
     batch_within_s: float = 0.05
     producer_linger_ms: int = 5
+    consumer_fetch_max_wait_ms: int = 100  # Faust's own 1500 adds up to that per hop on some brokers
     sink_timeout_s: float = 10.0
     sink_retry_base_s: float = 0.2
     sink_retry_cap_s: float = 10.0

@@ -99,7 +99,8 @@ def faust_options(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Typesense request
-    app = IngestApp(settings.app_id, Stream=BatchStream, **faust_options(settings))
+    app = IngestApp(settings.app_id, Stream=BatchStream,
+                    fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms, **faust_options(settings))
     metrics = metrics or Metrics(tenant_limit=settings.tenant_metrics_limit)
     topics = declare_topics(app, settings)
     tables = declare_tables(app, settings)

@@ -40,7 +40,22 @@ from faust.types import TP, EventT, Message
 from faust.types.transports import TransportT
 
 
+class ShortFetchWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust hard-codes `fetch_max_wait_ms=1500`. A broker that holds a fetch for its whole max
+    wait even when records arrive meanwhile (Tansu here: 132 ms p50 per hop at 500 ms, 9 ms at 10)
+    adds that to every hop, and a record makes two (source topic, then sink topic). Real Kafka
+    answers as soon as `fetch_min_bytes` is there; a shorter wait only costs idle fetches."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", 1500)  # read at start()
+        return consumer
+
+
 class BatchDrainConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return ShortFetchWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
     async def _drain_messages(self, fetcher: Any) -> None:
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
@@ -153,6 +168,10 @@ class BatchStream(faust.Stream):  # type: ignore[type-arg]
 
 class IngestApp(faust.App):
     """faust.App whose consumer drains fetches in batches (see the module docstring)."""
+
+    def __init__(self, *args: Any, fetch_max_wait_ms: int = 1500, **kwargs: Any) -> None:
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> TransportT:
         return BatchDrainTransport(self.conf.broker_consumer, self)
