@@ -42,7 +42,9 @@ lint: setup  ## ruff
 typecheck: setup  ## mypy (strict on core/)
 	$(VENV)/bin/mypy ingest_stream
 
-bench: setup  ## throughput: raw aiokafka vs bare Faust vs ingest_stream (bench/results/*.json)
+BENCH_ARGS ?= --records 100000 --sinks postgres,typesense --two-workers --latency-seconds 30
+
+bench: setup  ## throughput, latency (and --soak-seconds 600 for memory): bench/results/*.json
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:  ## remove the virtualenv, dev data and caches

@@ -34,7 +34,7 @@ class SourceTables:
 def declare_tables(app: faust.App, settings: Settings) -> dict[str, SourceTables]:
     def table(name: str, help_: str) -> faust.types.TableT[str, str]:
         return app.Table(name, key_type=str, value_type=str, partitions=settings.partitions,
-                         help=help_)
+                         help=help_, options=rocksdb_options(settings))
 
     return {
         source: SourceTables(
@@ -43,6 +43,15 @@ def declare_tables(app: faust.App, settings: Settings) -> dict[str, SourceTables
         )
         for source in SOURCES
     }
+
+
+def rocksdb_options(settings: Settings) -> dict[str, int]:
+    """Bounded memory per RocksDB instance (one per table partition). Faust's defaults allow up to
+    3 x 64 MiB of memtables and a 2 GiB block cache each, per partition of every table."""
+    mib = 1024 * 1024
+    return {"write_buffer_size": settings.rocksdb_write_buffer_mib * mib, "max_write_buffer_number": 2,
+            "target_file_size_base": settings.rocksdb_write_buffer_mib * mib,
+            "block_cache_size": settings.rocksdb_block_cache_mib * mib}
 
 
 def make_current(event: EventT[Any]) -> None:
