@@ -26,7 +26,7 @@ from tests.integration.harness import (
 from tests.integration.test_pipeline import LIMIT, PRODUCER_HEADER, source_topics
 
 FAST = {"INGEST_BREAKER_OPEN_S": "2", "INGEST_SINK_RETRY_BASE_S": "0.1", "INGEST_SINK_RETRY_CAP_S": "0.5",
-        "INGEST_SINK_RETRY_ATTEMPTS": "3", "INGEST_SINK_TIMEOUT_S": "3", "INGEST_SINK_FAILURE_POLICY": "dlq"}
+        "INGEST_SINK_RETRY_ATTEMPTS": "3", "INGEST_SINK_TIMEOUT_S": "10", "INGEST_SINK_FAILURE_POLICY": "dlq"}
 
 
 def dlqtriage(worker: WorkerProcess, *args: str, json_output: bool = True, expect_exit: int = 0) -> Any:
