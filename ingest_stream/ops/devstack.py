@@ -187,7 +187,7 @@ class DevStack:
             # and has no constraints: small requests, sent concurrently.
             "INGEST_NEO4J_BATCH_SIZE": "32",
             "INGEST_NEO4J_MAX_REQUEST_BYTES": "3072",
-            "INGEST_NEO4J_CONCURRENCY": "8",
+            "INGEST_NEO4J_CONCURRENCY": "1",
             "INGEST_NEO4J_FLAVOR": "falkordb",
             "INGEST_TYPESENSE_URL": self.typesense_url,
             "INGEST_TYPESENSE_API_KEY": self.typesense_api_key,
