@@ -183,8 +183,8 @@ class DevStack:
             "INGEST_NEO4J_URI": self.neo4j_uri,
             "INGEST_NEO4J_USER": "falkordb",
             "INGEST_NEO4J_PASSWORD": "",
-            # FalkorDB's Bolt listener crashes on requests over ~4 KB, answers each after ~45 ms,
-            # and has no constraints: small requests, sent concurrently.
+            # FalkorDB's Bolt listener crashes on requests over ~4 KB and has no constraints: small
+            # requests, one at a time (concurrent writes crashed or hung it; README).
             "INGEST_NEO4J_BATCH_SIZE": "32",
             "INGEST_NEO4J_MAX_REQUEST_BYTES": "3072",
             "INGEST_NEO4J_CONCURRENCY": "1",

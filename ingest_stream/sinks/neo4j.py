@@ -4,8 +4,8 @@ A write replaces the node's properties and its outgoing links, guarded by revisi
 itself. Attributes stay in Postgres and Typesense; the graph holds identity, revision and edges.
 A batch is sent in chunks of at most `INGEST_NEO4J_BATCH_SIZE` rows and, when set,
 `INGEST_NEO4J_MAX_REQUEST_BYTES`. With `INGEST_NEO4J_CONCURRENCY` 1 (the default) all chunks share one
-transaction; above 1 each chunk is its own transaction, sent concurrently — for the FalkorDB stand-in,
-whose Bolt listener answers each request only after ~45 ms and crashes on requests over ~4 KB. Each
+transaction; above 1 each chunk is its own transaction, sent concurrently (for a server that answers
+each request slowly; the FalkorDB stand-in cannot take concurrent writes, README). Each
 chunk is revision-guarded and idempotent, so a batch half-written by a crash is completed on redelivery.
 """
 

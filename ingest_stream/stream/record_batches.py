@@ -47,14 +47,11 @@ class RecordBatches:
         builder = self._open.get(tp)
         if builder is None:
             builder = self._open[tp] = self._producer.create_batch()
-        if builder.append(timestamp=None, key=key, value=value, headers=list(headers)) is not None:
-            return
-        if builder.record_count() == 0:  # aiokafka always takes a batch's first record; be sure
-            raise ValueError(f"a record for {topic} is larger than the producer's max batch size")
-        await self._send(tp, builder)  # full: send it, start the next one
-        builder = self._open[tp] = self._producer.create_batch()
-        if builder.append(timestamp=None, key=key, value=value, headers=list(headers)) is None:
-            raise ValueError(f"a record for {topic} is larger than the producer's max batch size")
+        while builder.append(timestamp=None, key=key, value=value, headers=list(headers)) is None:
+            if builder.record_count() == 0:  # aiokafka always takes a batch's first record; be sure
+                raise ValueError(f"a record for {topic} is larger than the producer's max batch size")
+            await self._send(tp, builder)  # full: send it, start the next one
+            builder = self._open[tp] = self._producer.create_batch()
 
     async def send(self) -> list[SentBatch]:
         """Send every open batch; returns all batches sent (await their deliveries before acking)."""
