@@ -28,7 +28,7 @@ dev: setup  ## run the whole pipeline on embedded servers (Ctrl-C stops everythi
 	$(VENV)/bin/ingest-stream dev
 
 test: setup lint typecheck  ## lint, type-check, then every test (unit + integration on real servers)
-	$(PY) -m pytest --durations=15 -rs
+	$(PY) -m pytest --durations=15 -rfEs
 
 unit: setup  ## the fast unit tests only
 	$(PY) -m pytest tests/unit

@@ -44,14 +44,33 @@ def eventually(check: Callable[[], T], *, timeout_s: float, interval_s: float = 
             return check()
         except (AssertionError, KafkaException) as error:
             if time.monotonic() >= deadline:
-                extra = f"\n--- context ---\n{context()}" if context else ""
+                # The error again after the context: CI shows only the last lines of a run.
+                extra = f"\n--- context ---\n{context()}\n--- not true: {error}" if context else ""
                 raise AssertionError(f"not true after {timeout_s:.0f}s: {error}{extra}") from error
         time.sleep(interval_s)
 
 
-def assert_equal(actual: object, expected: object) -> None:
-    """For `eventually(lambda: assert_equal(…))`: a check that reads as one."""
-    assert actual == expected
+def assert_equal(actual: object, expected: object, what: str = "") -> None:
+    """For `eventually(lambda: assert_equal(…))`: a check that reads as one, and whose failure
+    says in one line what differs (CI shows only the last lines of a run)."""
+    if actual != expected:
+        raise AssertionError(f"{what + ': ' if what else ''}{describe_difference(actual, expected)}")
+
+
+def describe_difference(actual: object, expected: object, examples: int = 3) -> str:
+    """Missing / extra / differing entries of two mappings or sets, with a few examples each."""
+    if isinstance(actual, dict) and isinstance(expected, dict):
+        missing = [k for k in expected if k not in actual]
+        extra = [k for k in actual if k not in expected]
+        differ = [k for k in expected if k in actual and actual[k] != expected[k]]
+        parts = [f"{len(missing)} missing {missing[:examples]}", f"{len(extra)} extra {extra[:examples]}",
+                 f"{len(differ)} differ " + str([(k, actual[k], expected[k]) for k in differ[:examples]])]
+        return f"{len(actual)} entries, expected {len(expected)}: " + "; ".join(parts)
+    if isinstance(actual, set | frozenset) and isinstance(expected, set | frozenset):
+        missing_items, extra_items = sorted(expected - actual, key=repr), sorted(actual - expected, key=repr)
+        return (f"{len(actual)} entries, expected {len(expected)}: {len(missing_items)} missing "
+                f"{missing_items[:examples]}; {len(extra_items)} extra {extra_items[:examples]}")
+    return f"{actual!r:.300} != {expected!r:.300}"
 
 
 # --- the worker -----------------------------------------------------------------------------

@@ -11,7 +11,14 @@ from ingest_stream.config import SOURCES
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.stream.watchdog import STALL_EXIT_CODE
 from tests.dataset import SINKS, Dataset, mixed_dataset, v2, with_bulk_tenant
-from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually, headers_of
+from tests.integration.harness import (
+    Kafka,
+    SinkReader,
+    WorkerProcess,
+    assert_equal,
+    eventually,
+    headers_of,
+)
 
 LIMIT = 64 * 1024
 PRODUCER_HEADER = ("x-producer", b"integration-test")
@@ -51,10 +58,10 @@ def dlq_entries(kafka: Kafka, topic: str) -> Counter[tuple[str, int, int, str, s
 
 def assert_sinks_hold(sinks: SinkReader, data: Dataset) -> None:
     tenants = data.tenants
-    assert sinks.postgres(tenants) == expected_postgres(data)
-    assert sinks.graph_nodes(tenants) == expected_graph(data)
-    assert sinks.graph_edges(tenants) == expected_edges(data)
-    assert sinks.search_documents(tenants) == expected_search(data)
+    assert_equal(sinks.postgres(tenants), expected_postgres(data), "postgres rows")
+    assert_equal(sinks.graph_nodes(tenants), expected_graph(data), "graph nodes")
+    assert_equal(sinks.graph_edges(tenants), expected_edges(data), "graph edges")
+    assert_equal(sinks.search_documents(tenants), expected_search(data), "search documents")
 
 
 def produce(kafka: Kafka, prefix: str, data: Dataset) -> list[tuple[int, int]]:
@@ -77,7 +84,7 @@ def test_mixed_dataset_end_to_end(kafka: Kafka, sinks: SinkReader, make_worker, 
 
     def converged() -> None:
         assert_sinks_hold(sinks, data)
-        assert dlq_entries(kafka, f"{prefix}.dlq") == expected_dlq
+        assert_equal(dlq_entries(kafka, f"{prefix}.dlq"), expected_dlq, "dlq entries")
 
     eventually(converged, timeout_s=180, context=worker.log_tail)
     # Everything the worker read is acknowledged: committed == end on every topic it consumes.
@@ -145,7 +152,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka: Kafka, sinks: Sink
 
     def converged() -> None:
         assert_sinks_hold(sinks, data)
-        assert set(dlq_entries(kafka, f"{prefix}.dlq")) == expected_dlq
+        assert_equal(set(dlq_entries(kafka, f"{prefix}.dlq")), expected_dlq, "dlq entries")
 
     eventually(converged, timeout_s=300, interval_s=2, context=worker.log_tail)
     consumed = [f"{prefix}.source.kafka"] + [f"{prefix}.sink.{s}" for s in SINKS]
@@ -187,7 +194,7 @@ def test_a_second_worker_joins_then_the_first_leaves_mid_stream(kafka: Kafka, si
 
     def converged() -> None:
         assert_sinks_hold(sinks, data)
-        assert set(dlq_entries(kafka, f"{prefix}.dlq")) == expected_dlq
+        assert_equal(set(dlq_entries(kafka, f"{prefix}.dlq")), expected_dlq, "dlq entries")
 
     eventually(converged, timeout_s=240, interval_s=2, context=second.log_tail)
     consumed = [source] + [f"{prefix}.sink.{s}" for s in SINKS]
