@@ -21,9 +21,16 @@ every record through the stream's generic iterator and a buffering processor (a 
 events and futures per record). `unacked_batches` takes the events straight from the channel's queue
 with `get_nowait` while there are any, waiting only when it is empty. Per event it keeps what the
 iterator does that matters here: events from a previous consumer generation or while the flow is
-suspended (a rebalance) are acked and skipped, exactly as Faust does; acking topics track the
-message as unacked (graceful shutdown and `stream_wait_empty` wait for these). Stream-event sensors
-(Faust's Monitor) are not called: ingest_stream's own metrics are the observability.
+suspended (a rebalance) are skipped; acking topics track the message as unacked (graceful shutdown
+and `stream_wait_empty` wait for these). Stream-event sensors (Faust's Monitor) are not called:
+ingest_stream's own metrics are the observability.
+
+Unlike Faust, a skipped stale event is not acked. Faust's consumer clears its acked offsets when
+partitions are revoked; an event still queued from the old generation and acked after the new
+assignment puts its offset back among the acked ones, although the record was never processed. Once
+the re-fetched records below it are acked, the commit moves past it before its re-fetched copy is
+processed, and a worker killed in that window loses the record. Not acked, it is simply read again:
+the new assignment seeks to the committed offsets.
 """
 
 from __future__ import annotations
@@ -145,8 +152,7 @@ class BatchStream(faust.Stream):  # type: ignore[type-arg]
                     message = event.message
                     if (not app.flow_control.is_active()
                             or message.generation_id != app.consumer_generation_id):
-                        await self.ack(event)  # stale (a rebalance): Faust acks and skips these
-                        continue
+                        continue  # stale (a rebalance): skipped, and unlike Faust not acked
                     if message.topic in acking_topics and not message.tracked:
                         message.tracked = True
                         track_unacked(message)
