@@ -131,6 +131,9 @@ class BatchStream(faust.Stream):  # type: ignore[type-arg]
         acking_topics = app.topics.acking_topics
         track_unacked = app.consumer.unacked.add
         on_message_in = self._on_message_in
+        # Faust's consumer logs "Stream has not started processing TP" every few seconds once a
+        # lagging partition has no inbound time after 5 minutes; Faust's iterator sets it per event.
+        inbound_time = app.monitor.stream_inbound_time if app.monitor is not None else {}
         try:
             while not self.should_stop:
                 events: list[EventT[Any]] = []
@@ -162,6 +165,9 @@ class BatchStream(faust.Stream):  # type: ignore[type-arg]
                     events.append(event)
                 if events:
                     self.events_total += len(events)
+                    now = time.monotonic()
+                    for tp in {event.message.tp for event in events}:
+                        inbound_time[tp] = now
                     yield events
         except StopAsyncIteration:
             return  # the channel was stopped (worker shutdown): thrown into waiting getters, as in Faust

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from faust.events import Event
+from faust.types import TP
 from faust.types.tuples import ConsumerMessage
 
 from ingest_stream.stream.batching import BatchStream, IngestApp
@@ -66,3 +67,10 @@ async def test_events_read_while_the_flow_is_suspended_are_skipped_without_an_ac
     await _queue(app, channel, [(1, 3)])  # read again after the assignment's seek
     assert await asyncio.wait_for(reading, 5) == [1]
     assert acked == []
+
+
+async def test_a_batch_marks_its_partitions_as_processing_for_fausts_slow_stream_check(app: Any) -> None:
+    channel = app.topic("src", value_serializer="raw").clone(is_iterator=True)
+    await _queue(app, channel, [(5, 2)])
+    assert await _first_batch(app, channel) == [5]
+    assert TP("src", 0) in app.monitor.stream_inbound_time
