@@ -22,7 +22,8 @@ events and futures per record). `unacked_batches` takes the events straight from
 with `get_nowait` while there are any, waiting only when it is empty. Per event it keeps what the
 iterator does that matters here: events from a previous consumer generation or while the flow is
 suspended (a rebalance) are skipped; acking topics track the message as unacked (graceful shutdown
-and `stream_wait_empty` wait for these). Stream-event sensors (Faust's Monitor) are not called:
+and `stream_wait_empty` wait for these). Faust's Monitor gets only each batch's partitions'
+inbound time (its consumer's slow-stream check reads it); its per-event sensors are not called:
 ingest_stream's own metrics are the observability.
 
 Unlike Faust, a skipped stale event is not acked. Faust's consumer clears its acked offsets when

@@ -64,6 +64,8 @@ def rocksdb_options(settings: Settings) -> dict[str, int]:
     budget = settings.rocksdb_write_buffer_mib * MIB
     return {"write_buffer_size": max(budget // 4, MIB), "max_write_buffer_number": 2,
             "target_file_size_base": max(budget // 4, MIB),
+            # What Faust's own options would give each instance if the shared budget were not used.
+            "block_cache_size": MIB,
             "worker_write_buffer_bytes": budget,
             "worker_block_cache_bytes": settings.rocksdb_block_cache_mib * MIB}
 
@@ -80,8 +82,10 @@ def worker_rocksdb_memory(write_buffer_bytes: int, block_cache_bytes: int
 class BudgetedRocksDBOptions(RocksDBOptions):
     def as_options(self) -> rocksdict.Options:
         options: rocksdict.Options = super().as_options()
-        cache, write_buffers = worker_rocksdb_memory(self.extra_options["worker_write_buffer_bytes"],
-                                                     self.extra_options["worker_block_cache_bytes"])
+        defaults = Settings()
+        cache, write_buffers = worker_rocksdb_memory(
+            self.extra_options.get("worker_write_buffer_bytes", defaults.rocksdb_write_buffer_mib * MIB),
+            self.extra_options.get("worker_block_cache_bytes", defaults.rocksdb_block_cache_mib * MIB))
         table = rocksdict.BlockBasedOptions()
         table.set_bloom_filter(self.bloom_filter_size, True)
         table.set_block_cache(cache)
