@@ -174,14 +174,19 @@ def test_a_second_worker_joins_then_the_first_leaves_mid_stream(kafka: Kafka, si
     kafka.create_topics(source_topics(prefix))
     half = len(data.messages) // 2
     source = f"{prefix}.source.kafka"
-    first: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT))
+    # Like an orchestrator: a worker whose watchdog sees a partition stalled (Faust has been seen to
+    # stop fetching a partition after a rebalance, README) exits 70 and is started again.
+    watchdog = {"INGEST_STALL_TIMEOUT_S": "20", "INGEST_STALL_CHECK_INTERVAL_S": "2"}
+    first: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT), **watchdog)
     first.start()
+    first.supervise()
     positions = kafka.produce(source, [(m.key, m.value) for m in data.messages[:half]],
                               headers=[PRODUCER_HEADER])
     eventually(lambda: _assert_forwarded_some(first), timeout_s=60, context=first.log_tail)
 
-    second: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT))
+    second: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT), **watchdog)
     second.start()
+    second.supervise()
     # Only once the newcomer owns source partitions: otherwise the first could finish everything.
     eventually(lambda: _assert_owns(second, source), timeout_s=120, context=second.log_tail)
     positions += kafka.produce(source, [(m.key, m.value) for m in data.messages[half:]],
@@ -200,6 +205,8 @@ def test_a_second_worker_joins_then_the_first_leaves_mid_stream(kafka: Kafka, si
     consumed = [source] + [f"{prefix}.sink.{s}" for s in SINKS]
     eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed), timeout_s=60, interval_s=2)
     assert sinks.postgres_overwrites_of_newer(data.tenants) == []
+    assert set(first.exits + second.exits) <= {STALL_EXIT_CODE}, (first.exits, second.exits)
+    print(f"stall restarts: first {len(first.exits)}, second {len(second.exits)}")
 
 
 def _assert_owns(worker: WorkerProcess, topic: str) -> None:
