@@ -134,7 +134,7 @@ class BatchStream(faust.Stream):  # type: ignore[type-arg]
         on_message_in = self._on_message_in
         # Faust's consumer logs "Stream has not started processing TP" every few seconds once a
         # lagging partition has no inbound time after 5 minutes; Faust's iterator sets it per event.
-        inbound_time = app.monitor.stream_inbound_time if app.monitor is not None else {}
+        inbound_time = app.monitor.stream_inbound_time  # Faust creates its monitor on first use
         try:
             while not self.should_stop:
                 events: list[EventT[Any]] = []
