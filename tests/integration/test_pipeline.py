@@ -29,6 +29,11 @@ def source_topics(prefix: str) -> list[str]:
     return [f"{prefix}.source.{s}" for s in SOURCES]
 
 
+def consumed_topics(prefix: str) -> list[str]:
+    """The topics the worker's group consumes for the Kafka source: it, then one per sink."""
+    return [f"{prefix}.source.kafka"] + [f"{prefix}.sink.{s}" for s in SINKS]
+
+
 def expected_postgres(data: Dataset) -> dict[Any, Any]:
     return {k: {"revision": e.revision, "deleted": e.deleted, "kind": e.kind, "attributes": e.attributes}
             for k, e in data.final.items()}
@@ -88,8 +93,7 @@ def test_mixed_dataset_end_to_end(kafka: Kafka, sinks: SinkReader, make_worker, 
 
     eventually(converged, timeout_s=180, context=worker.log_tail)
     # Everything the worker read is acknowledged: committed == end on every topic it consumes.
-    consumed = [f"{prefix}.source.kafka"] + [f"{prefix}.sink.{s}" for s in SINKS]
-    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed), timeout_s=30)
+    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed_topics(prefix)), timeout_s=30)
 
     # The DLQ holds the original bytes and headers, with provenance.
     by_position = {positions[i]: data.messages[i] for i in range(len(positions))}
@@ -155,9 +159,9 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka: Kafka, sinks: Sink
         assert_equal(set(dlq_entries(kafka, f"{prefix}.dlq")), expected_dlq, "dlq entries")
 
     eventually(converged, timeout_s=300, interval_s=2, context=worker.log_tail)
-    consumed = [f"{prefix}.source.kafka"] + [f"{prefix}.sink.{s}" for s in SINKS]
     # Room for a watchdog restart (20 s to detect, then a restart) if the committer is stuck.
-    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed), timeout_s=120, interval_s=2)
+    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed_topics(prefix)), timeout_s=120,
+               interval_s=2)
     assert sinks.postgres_overwrites_of_newer(data.tenants) == []
     # Only stall exits were restarted; report them (a Faust stream stall seen after restarts).
     assert set(worker.exits) <= {STALL_EXIT_CODE}, worker.exits
@@ -202,8 +206,8 @@ def test_a_second_worker_joins_then_the_first_leaves_mid_stream(kafka: Kafka, si
         assert_equal(set(dlq_entries(kafka, f"{prefix}.dlq")), expected_dlq, "dlq entries")
 
     eventually(converged, timeout_s=240, interval_s=2, context=second.log_tail)
-    consumed = [source] + [f"{prefix}.sink.{s}" for s in SINKS]
-    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed), timeout_s=60, interval_s=2)
+    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed_topics(prefix)), timeout_s=60,
+               interval_s=2)
     assert sinks.postgres_overwrites_of_newer(data.tenants) == []
     assert set(first.exits + second.exits) <= {STALL_EXIT_CODE}, (first.exits, second.exits)
     print(f"stall restarts: first {len(first.exits)}, second {len(second.exits)}")
