@@ -16,6 +16,14 @@ rebalance suspends the flow, delivery of the fetch stops (Faust drops the rest o
 too, and the consumer seeks to the committed offsets afterwards); the read offset only ever advances
 for records actually delivered, gaps and `commit_every` are handled as in Faust.
 
+Unlike Faust, records fetched before a seek of their partition are not delivered (see
+`IngestConsumerThread`). The flow is not always suspended while a rebalance's seek to the committed
+offsets runs (a worker's first assignment never suspends it), so the rest of a fetch from the old
+position could still be delivered after the seek. Faust's read offset then jumps past the committed
+offset, every re-read record below it is dropped as "already delivered" without an ack, and the
+partition never commits again: the worker sits idle with lag on every partition it got (seen here
+in about 1 run in 5 of the two-worker rebalance test).
+
 2. The agents' batches (`BatchStream.unacked_batches`, via the `Stream` setting). `noack_take` runs
 every record through the stream's generic iterator and a buffering processor (a passive drainer task,
 events and futures per record). `unacked_batches` takes the events straight from the channel's queue
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -48,21 +57,70 @@ from faust.types import TP, EventT, Message
 from faust.types.transports import TransportT
 
 
-class ShortFetchWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust hard-codes `fetch_max_wait_ms=1500`. A broker that holds a fetch for its whole max
-    wait even when records arrive meanwhile (Tansu here: 132 ms p50 per hop at 500 ms, 9 ms at 10)
-    adds that to every hop, and a record makes two (source topic, then sink topic). Real Kafka
-    answers as soon as `fetch_min_bytes` is there; a shorter wait only costs idle fetches."""
+class SeekTaggedRecords(dict[TP, list[Any]]):
+    """One fetch's records, with each partition's seek count at the moment the fetch returned."""
+
+    seek_counts: dict[TP, int]
+
+
+class IngestConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread with two changes.
+
+    Faust hard-codes `fetch_max_wait_ms=1500`. A broker that holds a fetch for its whole max wait even
+    when records arrive meanwhile (Tansu here: 132 ms p50 per hop at 500 ms, 9 ms at 10) adds that to
+    every hop, and a record makes two (source topic, then sink topic). Real Kafka answers as soon as
+    `fetch_min_bytes` is there; a shorter wait only costs idle fetches.
+
+    Seeks are counted per partition, and each fetch is tagged with the counts it was fetched under
+    (`SeekTaggedRecords`). A fetch hands its records to the main loop as a whole and they are
+    delivered one by one; a seek landing in between (after a rebalance Faust seeks every partition to
+    its committed offset, and the flow may already be running) leaves the rest of that fetch from the
+    old position. The drain loop uses the tags to drop those: aiokafka reads them again from the new
+    position. Counted here, in the thread that fetches and seeks, the tag is exact.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seek_counts: defaultdict[TP, int] = defaultdict(int)
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", 1500)  # read at start()
         return consumer
 
+    async def on_start(self) -> None:
+        await super().on_start()
+        fetcher = self._ensure_consumer()._fetcher  # every seek (seek, seek_to_committed) ends in seek_to
+        seek_to = fetcher.seek_to
+        seek_counts = self.seek_counts
+
+        def counted_seek_to(tp: Any, offset: int) -> None:
+            seek_counts[tp] += 1
+            seek_to(tp, offset)
+
+        fetcher.seek_to = counted_seek_to
+
+    async def _fetch_records(self, *args: Any, **kwargs: Any) -> SeekTaggedRecords:
+        records = SeekTaggedRecords(await super()._fetch_records(*args, **kwargs))
+        seek_counts = self.seek_counts
+        records.seek_counts = {tp: seek_counts[tp] for tp in records}  # no await since the fetch returned
+        return records
+
 
 class BatchDrainConsumer(faust_aiokafka.Consumer):
+    _thread: IngestConsumerThread
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fetch_seek_counts: dict[TP, int] | None = None  # the tags of the fetch being delivered
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
-        return ShortFetchWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        return IngestConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:  # noqa: ASYNC109
+        records = await super()._getmany(active_partitions, timeout)
+        self._fetch_seek_counts = getattr(records, "seek_counts", None)
+        return records
 
     async def _drain_messages(self, fetcher: Any) -> None:
         consumer_should_stop = self._stopped.is_set
@@ -97,12 +155,16 @@ class BatchDrainConsumer(faust_aiokafka.Consumer):
         read_offsets = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
         commit_every = self._commit_every
+        seek_counts = self._thread.seek_counts
         since_yield = 0
         async for tp, message in fetched:
             since_yield += 1
             if since_yield > 100:  # as Faust: a long fetch must not starve the loop
                 await asyncio.sleep(0)
                 since_yield = 0
+            fetched_under = self._fetch_seek_counts
+            if fetched_under is not None and fetched_under.get(tp, 0) != seek_counts.get(tp, 0):
+                continue  # fetched before a seek of its partition: read again from the new position
             offset = message.offset
             read_offset = read_offsets[tp]
             if read_offset is not None and offset < read_offset:
