@@ -26,11 +26,18 @@ class Progress:
         uncommitted = self.acked is not None and (self.committed is None or self.acked > self.committed)
         return self.end > done or uncommitted
 
+    @property
+    def mark(self) -> int | None:
+        """What must move for progress: the commit once there is one. Acks alone are not enough:
+        a partition whose commit is stuck behind a record that is never acked keeps acking the
+        records after it, and would never count as stalled."""
+        return self.committed if self.committed is not None else self.acked
+
 
 @dataclass
 class StallDetector:
     timeout_s: float
-    _since: dict[str, tuple[tuple[int | None, int | None], float]] = field(default_factory=dict)
+    _since: dict[str, tuple[int | None, float]] = field(default_factory=dict)
     waiting: dict[str, float] = field(default_factory=dict)  # behind, not busy: seconds without progress
 
     def observe(self, now: float, progress: Mapping[str, Progress], busy: Collection[str] = ()) -> list[str]:
@@ -38,10 +45,10 @@ class StallDetector:
         stalled: list[str] = []
         self.waiting = {}
         for key, state in progress.items():
-            signature = (state.committed, state.acked)
+            mark = state.mark
             previous = self._since.get(key)
-            if not state.behind or key in busy or previous is None or previous[0] != signature:
-                self._since[key] = (signature, now)
+            if not state.behind or key in busy or previous is None or previous[0] != mark:
+                self._since[key] = (mark, now)
                 if state.behind and key not in busy:
                     self.waiting[key] = 0.0
                 continue

@@ -37,6 +37,22 @@ def test_acked_but_never_committed_is_a_stall():
     assert detector.observe(71, {"t:1": first_commit_missing}) == ["t:1"]
 
 
+def test_acks_moving_while_the_commit_is_stuck_are_not_progress():
+    """A commit stuck behind a record that is never acked, while the records after it are."""
+    detector = StallDetector(timeout_s=30)
+    detector.observe(0, {"t:0": Progress(committed=35, acked=700, end=2000)})
+    assert detector.observe(20, {"t:0": Progress(committed=35, acked=900, end=2000)}) == []
+    assert detector.observe(30, {"t:0": Progress(committed=35, acked=1100, end=2000)}) == ["t:0"]
+
+
+def test_before_the_first_commit_acks_are_progress():
+    detector = StallDetector(timeout_s=30)
+    detector.observe(0, {"t:0": Progress(committed=None, acked=10, end=50)})
+    assert detector.observe(30, {"t:0": Progress(committed=None, acked=20, end=50)}) == []
+    assert detector.observe(59, {"t:0": Progress(committed=None, acked=20, end=50)}) == []
+    assert detector.observe(60, {"t:0": Progress(committed=None, acked=20, end=50)}) == ["t:0"]
+
+
 def test_nothing_known_yet_but_records_waiting_counts_as_behind():
     assert Progress(committed=None, acked=None, end=5).behind
     assert not Progress(committed=None, acked=None, end=0).behind
