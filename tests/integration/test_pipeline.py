@@ -178,8 +178,9 @@ def test_a_second_worker_joins_then_the_first_leaves_mid_stream(kafka: Kafka, si
     kafka.create_topics(source_topics(prefix))
     half = len(data.messages) // 2
     source = f"{prefix}.source.kafka"
-    # Like an orchestrator: a worker whose watchdog sees a partition stalled (Faust has been seen to
-    # stop fetching a partition after a rebalance, README) exits 70 and is started again.
+    # Like an orchestrator: a worker whose watchdog sees a partition stalled exits 70 and is started
+    # again, so a stall still converges and the test says what else went wrong; then it fails on the
+    # stall itself (a rebalance used to leave a partition that never committed again, README).
     watchdog = {"INGEST_STALL_TIMEOUT_S": "20", "INGEST_STALL_CHECK_INTERVAL_S": "2"}
     first: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT), **watchdog)
     first.start()
@@ -209,8 +210,7 @@ def test_a_second_worker_joins_then_the_first_leaves_mid_stream(kafka: Kafka, si
     eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed_topics(prefix)), timeout_s=60,
                interval_s=2)
     assert sinks.postgres_overwrites_of_newer(data.tenants) == []
-    assert set(first.exits + second.exits) <= {STALL_EXIT_CODE}, (first.exits, second.exits)
-    print(f"stall restarts: first {len(first.exits)}, second {len(second.exits)}")
+    assert (first.exits, second.exits) == ([], []), "a worker stalled (exit 70) and was restarted"
 
 
 def _assert_owns(worker: WorkerProcess, topic: str) -> None:
