@@ -16,13 +16,25 @@ rebalance suspends the flow, delivery of the fetch stops (Faust drops the rest o
 too, and the consumer seeks to the committed offsets afterwards); the read offset only ever advances
 for records actually delivered, gaps and `commit_every` are handled as in Faust.
 
-Unlike Faust, records fetched before a seek of their partition are not delivered (see
-`IngestConsumerThread`). The flow is not always suspended while a rebalance's seek to the committed
-offsets runs (a worker's first assignment never suspends it), so the rest of a fetch from the old
-position could still be delivered after the seek. Faust's read offset then jumps past the committed
-offset, every re-read record below it is dropped as "already delivered" without an ack, and the
-partition never commits again: the worker sits idle with lag on every partition it got (seen here
-in about 1 run in 5 of the two-worker rebalance test).
+Unlike Faust, the drain loop follows seeks exactly (`IngestConsumerThread` counts them and tags each
+fetch). After a rebalance Faust seeks every partition to its committed offset, but its recovery
+resumes the consumer's flow before that and resumes the streams only after, and its bookkeeping
+went wrong in four ways, all seen here (in about 1 run in 5 of the two-worker rebalance test):
+- the rest of a fetch from the old position was still delivered after the seek, moving the read
+  offset past the committed one;
+- Faust resets the read offsets only once every partition is seeked, so records fetched from a
+  partition seeked early were compared with its old read offset;
+- partitions without a committed offset are not seeked at all;
+- records of stream partitions delivered before the streams resume go to queues that Faust clears
+  when they resume, and Faust resumes them twice (before reading the changelogs, again after the
+  seek): the second resume cleared records delivered after their seek.
+Each way records were never processed and never read again: the partition never committed again
+(or, with the read offset put back later, a gap counted as acked covered them). Here a record
+fetched before a seek of its partition is dropped (aiokafka reads it again from the new position),
+the first record fetched after a seek resets the read offset to where the seek went, partitions
+without a commit are seeked to their start, records of acking topics wait for the streams to
+resume before they are delivered, and resuming streams that run already clears nothing
+(`StreamFlowControl`).
 
 2. The agents' batches (`BatchStream.unacked_batches`, via the `Stream` setting). `noack_take` runs
 every record through the stream's generic iterator and a buffering processor (a passive drainer task,
@@ -39,28 +51,34 @@ partitions are revoked; an event still queued from the old generation and acked 
 assignment puts its offset back among the acked ones, although the record was never processed. Once
 the re-fetched records below it are acked, the commit moves past it before its re-fetched copy is
 processed, and a worker killed in that window loses the record. Not acked, it is simply read again:
-the new assignment seeks to the committed offsets.
+the new assignment seeks every partition to its committed offset (`BatchDrainConsumer.perform_seek`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import faust
-from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.consumer import CONSUMER_FETCHING, ensure_TP
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT, Message
 from faust.types.transports import TransportT
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
 
 
 class SeekTaggedRecords(dict[TP, list[Any]]):
     """One fetch's records, with each partition's seek count at the moment the fetch returned."""
 
     seek_counts: dict[TP, int]
+
+
+class Seek(NamedTuple):
+    number: int  # seeks of the partition so far
+    offset: int  # where the last one went
 
 
 class IngestConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -71,17 +89,14 @@ class IngestConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     every hop, and a record makes two (source topic, then sink topic). Real Kafka answers as soon as
     `fetch_min_bytes` is there; a shorter wait only costs idle fetches.
 
-    Seeks are counted per partition, and each fetch is tagged with the counts it was fetched under
-    (`SeekTaggedRecords`). A fetch hands its records to the main loop as a whole and they are
-    delivered one by one; a seek landing in between (after a rebalance Faust seeks every partition to
-    its committed offset, and the flow may already be running) leaves the rest of that fetch from the
-    old position. The drain loop uses the tags to drop those: aiokafka reads them again from the new
-    position. Counted here, in the thread that fetches and seeks, the tag is exact.
+    Seeks are counted per partition (`seeks`: the count and where the last one went), and each
+    fetch is tagged with the counts it was fetched under (`SeekTaggedRecords`). Counted here, in the
+    thread that fetches and seeks, the tag is exact. The drain loop uses both (`BatchDrainConsumer`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.seek_counts: defaultdict[TP, int] = defaultdict(int)
+        self.seeks: dict[TP, Seek] = {}  # read from the main thread: entries are replaced whole
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
@@ -92,18 +107,31 @@ class IngestConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         await super().on_start()
         fetcher = self._ensure_consumer()._fetcher  # every seek (seek, seek_to_committed) ends in seek_to
         seek_to = fetcher.seek_to
-        seek_counts = self.seek_counts
+        seeks = self.seeks
 
         def counted_seek_to(tp: Any, offset: int) -> None:
-            seek_counts[tp] += 1
+            seeks[tp] = Seek(seeks[tp].number + 1 if tp in seeks else 1, offset)
             seek_to(tp, offset)
 
         fetcher.seek_to = counted_seek_to
 
+    async def seek_to_start(self, partitions: list[Any]) -> None:
+        """Seek to offset 0 in this thread (aiokafka is not thread-safe); where retention has
+        removed it, aiokafka's out-of-range reset (`earliest`) takes over."""
+        await self.call_thread(self._seek_to_start, partitions)
+
+    async def _seek_to_start(self, partitions: list[Any]) -> None:
+        consumer = self._ensure_consumer()
+        assigned = consumer.assignment()
+        for tp in partitions:
+            if tp in assigned:  # a rebalance may have taken it meanwhile
+                consumer.seek(tp, 0)
+
     async def _fetch_records(self, *args: Any, **kwargs: Any) -> SeekTaggedRecords:
         records = SeekTaggedRecords(await super()._fetch_records(*args, **kwargs))
-        seek_counts = self.seek_counts
-        records.seek_counts = {tp: seek_counts[tp] for tp in records}  # no await since the fetch returned
+        seeks = self.seeks
+        records.seek_counts = {tp: seeks[tp].number if tp in seeks else 0  # no await since the fetch
+                               for tp in records}
         return records
 
 
@@ -113,6 +141,7 @@ class BatchDrainConsumer(faust_aiokafka.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._fetch_seek_counts: dict[TP, int] | None = None  # the tags of the fetch being delivered
+        self._read_offset_seeks: dict[TP, int] = {}  # the seek count each read offset was reset at
 
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return IngestConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -121,6 +150,28 @@ class BatchDrainConsumer(faust_aiokafka.Consumer):
         records = await super()._getmany(active_partitions, timeout)
         self._fetch_seek_counts = getattr(records, "seek_counts", None)
         return records
+
+    async def perform_seek(self) -> None:
+        """Faust's seek to the committed offsets, with two changes. The flow may be running
+        meanwhile (Faust's recovery resumes it first), and what it delivers is discarded by streams
+        not yet resumed: every partition must be read again from its committed position.
+
+        - A partition without a committed offset is seeked to its start too (aiokafka seeks only to
+          positive committed offsets), where `earliest` would begin it. Not seeked, the records
+          discarded meanwhile were never read again and the partition never committed.
+        - Read offsets are not set here: `_deliver` resets each at the first record fetched after
+          its partition's seek. Set once every partition is seeked (Faust), a partition seeked early
+          whose re-read records were already delivered had its read offset put back, and the next
+          record opened a gap (which counts as acked) over records still in flight.
+        """
+        committed = await self.seek_to_committed()
+        uncommitted = [tp for tp, offset in committed.items() if not offset]
+        if self.app.conf.consumer_auto_offset_reset == "earliest":
+            await self._thread.seek_to_start(uncommitted)
+        else:
+            for tp in uncommitted:
+                self._read_offset[ensure_TP(tp)] = None  # as Faust: nothing to compare against
+        self._committed_offset.update({ensure_TP(tp): offset for tp, offset in committed.items() if offset})
 
     async def _drain_messages(self, fetcher: Any) -> None:
         consumer_should_stop = self._stopped.is_set
@@ -155,16 +206,27 @@ class BatchDrainConsumer(faust_aiokafka.Consumer):
         read_offsets = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
         commit_every = self._commit_every
-        seek_counts = self._thread.seek_counts
+        seeks = self._thread.seeks
+        read_offset_seeks = self._read_offset_seeks
+        flow_control = self.app.flow_control
         since_yield = 0
         async for tp, message in fetched:
             since_yield += 1
             if since_yield > 100:  # as Faust: a long fetch must not starve the loop
                 await asyncio.sleep(0)
                 since_yield = 0
-            fetched_under = self._fetch_seek_counts
-            if fetched_under is not None and fetched_under.get(tp, 0) != seek_counts.get(tp, 0):
-                continue  # fetched before a seek of its partition: read again from the new position
+            if not flow_control.is_active() and acks_enabled_for(message.topic):
+                # The streams are not resumed yet (a rebalance's recovery resumes the consumer first):
+                # what reaches their queues now is cleared when they resume, and never read again.
+                await flow_control.acquire()
+            seek = seeks.get(tp)
+            if seek is not None:
+                fetched_under = self._fetch_seek_counts
+                if fetched_under is not None and fetched_under.get(tp, 0) != seek.number:
+                    continue  # fetched before a seek of its partition: read again from the new position
+                if read_offset_seeks.get(tp) != seek.number:  # the first record since the seek
+                    read_offset_seeks[tp] = seek.number
+                    read_offsets[tp] = seek.offset
             offset = message.offset
             read_offset = read_offsets[tp]
             if read_offset is not None and offset < read_offset:
@@ -241,12 +303,28 @@ class BatchStream(faust.Stream):  # type: ignore[type-arg]
                 self.service_reset()
 
 
+class StreamFlowControl(FlowControlEvent):
+    """Faust's flow control of the streams, whose `resume` clears their queues only when it resumes
+    them. Faust resumes twice in a rebalance's recovery (before reading the changelogs, and again
+    after seeking the stream partitions); each resume clears every stream queue, so the second one
+    threw away records delivered in between, after their partition's seek: never read again, and
+    the partition never committed past them."""
+
+    def resume(self) -> None:
+        if not self.is_active():
+            super().resume()
+
+
 class IngestApp(faust.App):
     """faust.App whose consumer drains fetches in batches (see the module docstring)."""
 
     def __init__(self, *args: Any, fetch_max_wait_ms: int = 1500, **kwargs: Any) -> None:
         self.fetch_max_wait_ms = fetch_max_wait_ms
         super().__init__(*args, **kwargs)
+
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        return StreamFlowControl(loop=self.loop)
 
     def _new_transport(self) -> TransportT:
         return BatchDrainTransport(self.conf.broker_consumer, self)
