@@ -58,9 +58,9 @@ class Settings:
     batch_within_s: float = 0.05
     producer_linger_ms: int = 5
     consumer_fetch_max_wait_ms: int = 100  # Faust's own 1500 adds up to that per hop on some brokers
-    # RocksDB memory per table partition (Faust's defaults: 3 x 64 MiB memtables, a 2 GiB block cache)
-    rocksdb_write_buffer_mib: int = 8
-    rocksdb_block_cache_mib: int = 16
+    # RocksDB memory of the whole worker, shared by every table partition (stream/tables.py)
+    rocksdb_write_buffer_mib: int = 16
+    rocksdb_block_cache_mib: int = 32
     sink_timeout_s: float = 10.0
     sink_retry_base_s: float = 0.2
     sink_retry_cap_s: float = 10.0

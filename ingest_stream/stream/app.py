@@ -30,7 +30,7 @@ from ingest_stream.stream.dlq import DeadLetters
 from ingest_stream.stream.sink_agent import SinkProcessor
 from ingest_stream.stream.source_agent import SourceProcessor
 from ingest_stream.stream.sources import install_file_sources
-from ingest_stream.stream.tables import declare_tables, evict_expired
+from ingest_stream.stream.tables import STORE_URL, declare_tables, evict_expired
 from ingest_stream.stream.topics import Topics, declare_topics
 from ingest_stream.stream.watchdog import install_watchdog
 from ingest_stream.stream.webhook import install_webhook
@@ -73,7 +73,7 @@ def build_sink(name: str, settings: Settings) -> Sink:
 def faust_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "broker": f"kafka://{settings.kafka_bootstrap}",
-        "store": "rocksdb://",
+        "store": STORE_URL,
         "datadir": str(settings.data_dir),
         "web_port": settings.web_port,
         "web_bind": settings.web_host,

@@ -7,6 +7,7 @@ handle many events at once, so before each table access the agent makes that eve
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from collections.abc import Iterable
@@ -14,6 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import faust
+import faust.stores
+import rocksdict
+from faust.stores.rocksdb import RocksDBOptions
+from faust.stores.rocksdb import Store as RocksDBStore
 from faust.streams import _current_event
 from faust.types import TP, EventT
 
@@ -45,13 +50,62 @@ def declare_tables(app: faust.App, settings: Settings) -> dict[str, SourceTables
     }
 
 
+MIB = 1024 * 1024
+STORE_URL = "ingest-rocksdb://"  # BudgetedRocksDBStore, registered below
+
+
 def rocksdb_options(settings: Settings) -> dict[str, int]:
-    """Bounded memory per RocksDB instance (one per table partition). Faust's defaults allow up to
-    3 x 64 MiB of memtables and a 2 GiB block cache each, per partition of every table."""
-    mib = 1024 * 1024
-    return {"write_buffer_size": settings.rocksdb_write_buffer_mib * mib, "max_write_buffer_number": 2,
-            "target_file_size_base": settings.rocksdb_write_buffer_mib * mib,
-            "block_cache_size": settings.rocksdb_block_cache_mib * mib}
+    """One memory budget for the worker's RocksDB, whatever the number of table partitions.
+
+    Faust opens one RocksDB instance per table partition (sources x 2 tables x partitions: 32 here)
+    with up to 3 x 64 MiB of memtables and a 2 GiB block cache *each*. Even at 8 MiB x 2 and
+    16 MiB each, a worker's memory climbed for many minutes (memtables filling, then block caches).
+    """
+    budget = settings.rocksdb_write_buffer_mib * MIB
+    return {"write_buffer_size": max(budget // 4, MIB), "max_write_buffer_number": 2,
+            "target_file_size_base": max(budget // 4, MIB),
+            # What Faust's own options would give each instance if the shared budget were not used.
+            "block_cache_size": MIB,
+            "worker_write_buffer_bytes": budget,
+            "worker_block_cache_bytes": settings.rocksdb_block_cache_mib * MIB}
+
+
+@functools.cache
+def worker_rocksdb_memory(write_buffer_bytes: int, block_cache_bytes: int
+                          ) -> tuple[rocksdict.Cache, rocksdict.WriteBufferManager]:
+    """The block cache (data, index and filter blocks) and the memtable budget that every RocksDB
+    instance of this worker shares (RocksDB's Write Buffer Manager: a flush when the total nears it)."""
+    return (rocksdict.Cache(block_cache_bytes),
+            rocksdict.WriteBufferManager(write_buffer_bytes, False))
+
+
+class BudgetedRocksDBOptions(RocksDBOptions):
+    def as_options(self) -> rocksdict.Options:
+        options: rocksdict.Options = super().as_options()
+        defaults = Settings()
+        cache, write_buffers = worker_rocksdb_memory(
+            self.extra_options.get("worker_write_buffer_bytes", defaults.rocksdb_write_buffer_mib * MIB),
+            self.extra_options.get("worker_block_cache_bytes", defaults.rocksdb_block_cache_mib * MIB))
+        table = rocksdict.BlockBasedOptions()
+        table.set_bloom_filter(self.bloom_filter_size, True)
+        table.set_block_cache(cache)
+        table.set_cache_index_and_filter_blocks(True)  # counted in the budget, not beside it
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        table.set_index_type(rocksdict.BlockBasedIndexType.binary_search())
+        options.set_block_based_table_factory(table)
+        options.set_write_buffer_manager(write_buffers)
+        return options
+
+
+class BudgetedRocksDBStore(RocksDBStore):
+    """Faust's RocksDB store, opening its instances with the worker's shared memory budget."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rocksdb_options = BudgetedRocksDBOptions(**(self.options or {}), use_rocksdict=True)
+
+
+faust.stores.STORES.aliases[STORE_URL.split(":")[0]] = f"{__name__}:BudgetedRocksDBStore"
 
 
 def make_current(event: EventT[Any]) -> None:
