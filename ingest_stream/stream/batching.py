@@ -165,13 +165,26 @@ class BatchDrainConsumer(faust_aiokafka.Consumer):
           record opened a gap (which counts as acked) over records still in flight.
         """
         committed = await self.seek_to_committed()
-        uncommitted = [tp for tp, offset in committed.items() if not offset]
+        # Only partitions whose records our streams ack: changelogs are never committed, and
+        # recovery reads them from its own offsets.
+        acking = self.app.topics.acks_enabled_for
+        uncommitted = [tp for tp, offset in committed.items() if not offset and acking(tp.topic)]
         if self.app.conf.consumer_auto_offset_reset == "earliest":
             await self._thread.seek_to_start(uncommitted)
         else:
             for tp in uncommitted:
                 self._read_offset[ensure_TP(tp)] = None  # as Faust: nothing to compare against
         self._committed_offset.update({ensure_TP(tp): offset for tp, offset in committed.items() if offset})
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        """Faust forgets the read offsets of revoked partitions; their last seek is forgotten too,
+        or a partition assigned here again would have its read offset put back to an old target."""
+        seeks = self._thread.seeks
+        for tp in revoked:
+            seek = seeks.get(tp)
+            if seek is not None:
+                self._read_offset_seeks[tp] = seek.number
+        await super().on_partitions_revoked(revoked)
 
     async def _drain_messages(self, fetcher: Any) -> None:
         consumer_should_stop = self._stopped.is_set

@@ -109,12 +109,41 @@ async def test_perform_seek_leaves_read_offsets_to_the_drain_loop_and_seeks_unco
     async def seek_to_start(partitions: list[Any]) -> None:
         seeked_to_start.extend(partitions)
 
+    consumer.app.topics.acks_enabled_for = lambda topic: topic == "src"  # not a changelog
     consumer.seek_to_committed = seek_to_committed
     consumer._thread.seek_to_start = seek_to_start
     await consumer.perform_seek()
     assert consumer._read_offset[SRC] == 49
     assert seeked_to_start == [other]
     assert consumer._committed_offset[SRC] == 35
+
+
+async def test_changelog_partitions_without_a_commit_are_not_seeked_to_the_start(consumer: Any) -> None:
+    changelog = TP("app-table-changelog", 0)  # never committed: recovery reads it from its own offsets
+    seeked_to_start: list[Any] = []
+
+    async def seek_to_committed() -> dict[TP, int | None]:
+        return {changelog: None}
+
+    async def seek_to_start(partitions: list[Any]) -> None:
+        seeked_to_start.extend(partitions)
+
+    consumer.app.topics.acks_enabled_for = lambda topic: topic == "src"
+    consumer.seek_to_committed = seek_to_committed
+    consumer._thread.seek_to_start = seek_to_start
+    await consumer.perform_seek()
+    assert seeked_to_start == []
+
+
+async def test_a_seek_before_a_revocation_does_not_reset_the_read_offset_after_it(consumer: Any) -> None:
+    """Seeked to 35 but revoked before any record; assigned here again later, where another worker
+    committed 900, without a seek of its own: the old target must not come back."""
+    consumer.app.topics.acks_enabled_for = lambda topic: True
+    _seek(consumer, 35)
+    await consumer.on_partitions_revoked({SRC})
+    await _deliver(consumer, range(900, 903), fetched_under=1)
+    assert consumer.delivered == [900, 901, 902]
+    assert not consumer._gap[SRC], "a gap from 36 to 899 would count as acked"
 
 
 async def test_resuming_streams_that_run_already_keeps_their_queues(consumer: Any) -> None:
