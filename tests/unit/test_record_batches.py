@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
 from ingest_stream.stream.record_batches import RecordBatches
 
@@ -53,6 +54,8 @@ class Producer:
         self.sent: list[tuple[str, int, Builder]] = []
         self.next_offset: dict[tuple[str, int], int] = {}
 
+    _partitioner = None  # not aiokafka's default: RecordBatches asks _partition for every record
+
     def _partition(self, topic: str, partition: Any, key: bytes, value: Any, *_: Any) -> int:
         return key[0] % 4
 
@@ -95,3 +98,28 @@ async def test_a_record_larger_than_an_empty_batch_is_an_error_and_nothing_empty
     with pytest.raises(ValueError, match="larger than the producer's max batch size"):
         await batches.add("t", b"\x00", b"big")
     assert producer.sent == []
+
+
+class Partitions:
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return set(range(self.count))
+
+
+async def test_with_the_default_partitioner_a_key_lands_where_aiokafka_would_put_it() -> None:
+    producer = Producer(capacity=10_000)
+    producer._partitioner = DefaultPartitioner()  # type: ignore[assignment]
+    producer._metadata = Partitions(7)  # type: ignore[attr-defined]
+    batches = RecordBatches(producer)  # type: ignore[arg-type]
+    keys = [f"tenant-{i % 3}:entity-{i}".encode() for i in range(500)]
+    for key in keys:
+        await batches.add("a", key, b"v")
+        await batches.add("b", key, b"v")  # the cached hash, for a second topic
+    await batches.send()
+    landed = {(topic, key) : partition for topic, partition, builder in producer.sent
+              for key, _, _ in builder.records}
+    expected = {key: DefaultPartitioner()(key, list(range(7)), list(range(7))) for key in keys}
+    assert {(t, k): expected[k] for t in ("a", "b") for k in keys} == landed  # type: ignore[index]
+    assert len(set(expected.values())) == 7
