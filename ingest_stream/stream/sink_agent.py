@@ -37,6 +37,7 @@ class SinkProcessor:
         self.stage = Stage.for_sink(sink.name)
         self._dead_letters = dead_letters
         self._metrics = metrics
+        self._lag_by_source: dict[str, Any] = {}  # lag histogram child per source (labels() costs)
 
     async def process(self, events: Sequence[EventT[Any]]) -> None:
         await self._gate.pace(len(events), source=False)
@@ -86,10 +87,13 @@ class SinkProcessor:
         await asyncio.gather(*deliveries)
 
         now_ms = time.time() * 1000
-        lag = self._metrics.lag
+        lag_of = self._lag_by_source
         for write in outcome.applied:
-            lag.labels(self.sink.name, write.record["source"]).observe(
-                max(0.0, (now_ms - epoch_ms(write.record["event_time"])) / 1000))
+            record = write.record
+            lag = lag_of.get(record["source"])
+            if lag is None:
+                lag = lag_of[record["source"]] = self._metrics.lag.labels(self.sink.name, record["source"])
+            lag.observe(max(0.0, (now_ms - epoch_ms(record["event_time"])) / 1000))
         records = self._metrics.sink_records
         for decision, items in (("applied", outcome.applied), ("skipped", outcome.skipped),
                                 ("older", outcome.older), ("failed", outcome.failed)):
