@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,7 +37,9 @@ from ingest_stream.stream.watchdog import install_watchdog
 from ingest_stream.stream.webhook import install_webhook
 
 log = logging.getLogger(__name__)
-BatchHandler = Callable[[list[EventT[Any]]], Awaitable[None]]
+# Handles a batch; may return what is left before the batch may be acked (waiting on the broker),
+# which the agent overlaps with the next batch.
+BatchHandler = Callable[[list[EventT[Any]]], Awaitable[Awaitable[None] | None]]
 
 
 @dataclass
@@ -158,16 +161,36 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
 
 def _agent(app: faust.App, name: str, topic: faust.TopicT, handle: BatchHandler, batch: int,
            within_s: float, produced: list[str], acked: dict[Any, int]) -> None:
-    """An agent that takes batches without acking and acks a batch only once `handle` returned:
-    by then everything the batch caused is durable, so its offsets may be committed."""
+    """An agent that takes batches without acking and acks a batch only once everything it caused
+    is durable, so its offsets may be committed.
+
+    What `handle` leaves to wait for (the broker's acknowledgements) runs while the next batch is
+    handled: one batch in flight, settled and acked in order, and always before the agent waits for
+    records (so an idle agent or a rebalance waiting for acks never waits on it)."""
     async def agent(stream: faust.StreamT[Any]) -> None:
         await track_produced_topics(app, produced)
-        async for events in stream.unacked_batches(batch, within_s):  # type: ignore[attr-defined]
-            await handle(events)
-            for event in events:
-                await stream.ack(event)
-                message = event.message
-                acked[message.tp] = max(acked.get(message.tp, 0), message.offset + 1)
+        in_flight: tuple[asyncio.Future[None], list[EventT[Any]]] | None = None
+
+        def ack(events: list[EventT[Any]]) -> None:
+            for tp, offset in stream.ack_batch(events).items():  # type: ignore[attr-defined]
+                acked[tp] = max(acked.get(tp, 0), offset)
+
+        async def settle() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                rest, events = in_flight
+                in_flight = None
+                await rest  # raises if the broker refused: the agent crashes, nothing is acked
+                ack(events)
+
+        async for events in stream.unacked_batches(  # type: ignore[attr-defined]
+                batch, within_s, before_waiting=settle):
+            rest = await handle(events)
+            await settle()  # the previous batch first: acks stay in order
+            if rest is None:
+                ack(events)
+            else:
+                in_flight = (asyncio.ensure_future(rest), events)
 
     agent.__name__ = name.replace("-", "_")
     app.agent(topic, name=name)(agent)

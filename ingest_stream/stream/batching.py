@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
 import faust
@@ -258,9 +258,12 @@ class BatchDrainTransport(faust_aiokafka.Transport):
 
 
 class BatchStream(faust.Stream):  # type: ignore[type-arg]
-    async def unacked_batches(self, max_: int, within_s: float) -> AsyncIterator[list[EventT[Any]]]:
+    async def unacked_batches(self, max_: int, within_s: float,
+                              before_waiting: Callable[[], Awaitable[None]] | None = None,
+                              ) -> AsyncIterator[list[EventT[Any]]]:
         """Batches of up to `max_` events, each yielded at most `within_s` after its first event.
-        The events are not acked: the caller acks each once what it caused is durable."""
+        The events are not acked: the caller acks each once what it caused is durable.
+        `before_waiting` is awaited whenever the stream has nothing and is about to wait for it."""
         self._finalized = True
         self.enable_acks = False
         started_by_us = await self.maybe_start()
@@ -281,6 +284,10 @@ class BatchStream(faust.Stream):  # type: ignore[type-arg]
                         event = queue.get_nowait()
                     else:
                         if not events:
+                            if before_waiting is not None:
+                                await before_waiting()
+                                if not queue.empty():
+                                    continue
                             event = await queue.get()
                         else:
                             remaining = deadline - time.monotonic()
@@ -314,6 +321,20 @@ class BatchStream(faust.Stream):  # type: ignore[type-arg]
             if started_by_us:
                 await self.stop()
                 self.service_reset()
+
+
+    def ack_batch(self, events: list[EventT[Any]]) -> dict[TP, int]:
+        """Ack a batch's events (their offsets become committable); returns, per partition, one
+        past the highest offset acked. Faust's `Stream.ack` per event is a coroutine plus a stream
+        sensor call; as in `unacked_batches`, only the message-level Monitor bookkeeping is kept."""
+        on_message_out = self._on_message_out
+        acked: dict[TP, int] = {}
+        for event in events:
+            message = event.message
+            if event.ack():
+                on_message_out(message.tp, message.offset, message)
+            acked[message.tp] = message.offset + 1  # a partition's events arrive in offset order
+        return acked
 
 
 class StreamFlowControl(FlowControlEvent):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
 from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.dlq import DeadLetters, headers_of, position_of
-from ingest_stream.stream.record_batches import RecordBatches
+from ingest_stream.stream.record_batches import RecordBatches, SentBatch
 from ingest_stream.stream.tables import BatchedTableWrites, SourceTables, make_current
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ class SourceProcessor:
         self._duplicates = metrics.duplicates.labels(source)
         self._metrics = metrics
 
-    async def process(self, events: Sequence[EventT[Any]]) -> None:
+    async def process(self, events: Sequence[EventT[Any]]) -> Awaitable[None]:
+        """Validate, dedupe and send what the batch causes, in order; returns what is left before
+        the batch may be acked (the broker's acknowledgements, `_settle`)."""
         await self._gate.pace(len(events), source=True)
         deliveries: list[Awaitable[object]] = []
         checkpoints: dict[str, tuple[EventT[Any], int]] = {}
@@ -71,6 +74,7 @@ class SourceProcessor:
         batches = RecordBatches(self._app.producer._ensure_producer())  # type: ignore[attr-defined]
         seen_keys = BatchedTableWrites(self._tables.dedupe)
         checkpoint_writes = BatchedTableWrites(self._tables.checkpoints)
+        counted: Counter[tuple[str, str]] = Counter()  # (tenant, outcome): the metrics, once per batch
         for event in events:
             message = event.message
             verdict = self._validator.check(message.value or b"")
@@ -84,9 +88,7 @@ class SourceProcessor:
             headers = headers_of(event)
             if not reprocessed(headers) and self._is_duplicate(
                     event, dedupe.dedupe_key(record), seen_keys, now_ms):
-                self._duplicate.inc()
-                self._duplicates.inc()
-                self._count_tenant(record["tenant"], "duplicate")
+                counted[record["tenant"], "duplicate"] += 1
                 continue
             if not any(k.startswith("ingest.origin.") for k, _ in headers):
                 headers += origin_headers(position_of(event))
@@ -94,23 +96,37 @@ class SourceProcessor:
             value = encode(record)
             for topic_name in self._sink_topic_names:
                 await batches.add(topic_name, key, value, headers)
-            self._outcomes.inc()
-            self._count_tenant(record["tenant"], "forwarded")
+            counted[record["tenant"], "forwarded"] += 1
             checkpoint = f"{record['tenant']}:{self.source}:{message.partition}"
             previous = checkpoints.get(checkpoint)
             event_ms = epoch_ms(record["event_time"])
             checkpoints[checkpoint] = (event, max(event_ms, previous[1] if previous else event_ms))
+        self._count(counted)
         self._write_checkpoints(checkpoints, checkpoint_writes, now_ms)
         await seen_keys.add_to(batches)
         await checkpoint_writes.add_to(batches)
         sent = await batches.send()
-        # Raises if the broker refused any of them; only then may the batch be acked.
-        await asyncio.gather(*deliveries, *(batch.delivery for batch in sent))
-        await seen_keys.persist_offsets(sent)
-        await checkpoint_writes.persist_offsets(sent)
+        return self._settle(deliveries, sent, seen_keys, checkpoint_writes)
 
-    def _count_tenant(self, tenant: str, outcome: str) -> None:
-        self._metrics.tenant_records.labels(self._metrics.tenant(tenant), outcome).inc()
+    @staticmethod
+    async def _settle(deliveries: list[Awaitable[object]], sent: list[SentBatch],
+                      *table_writes: BatchedTableWrites) -> None:
+        """Raises if the broker refused any record the batch caused; only after it returns may the
+        batch be acked. The agent overlaps it with the next batch's processing."""
+        await asyncio.gather(*deliveries, *(batch.delivery for batch in sent))
+        for writes in table_writes:
+            await writes.persist_offsets(sent)
+
+    def _count(self, counted: Counter[tuple[str, str]]) -> None:
+        by_outcome: Counter[str] = Counter()
+        for (tenant, outcome), n in counted.items():
+            self._metrics.tenant_records.labels(self._metrics.tenant(tenant), outcome).inc(n)
+            by_outcome[outcome] += n
+        if by_outcome["forwarded"]:
+            self._outcomes.inc(by_outcome["forwarded"])
+        if by_outcome["duplicate"]:
+            self._duplicate.inc(by_outcome["duplicate"])
+            self._duplicates.inc(by_outcome["duplicate"])
 
     def _is_duplicate(self, event: EventT[Any], key: str, seen_keys: BatchedTableWrites, now_ms: int) -> bool:
         message = event.message

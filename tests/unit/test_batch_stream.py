@@ -74,3 +74,14 @@ async def test_a_batch_marks_its_partitions_as_processing_for_fausts_slow_stream
     await _queue(app, channel, [(5, 2)])
     assert await _first_batch(app, channel) == [5]
     assert TP("src", 0) in app.monitor.stream_inbound_time
+
+
+async def test_ack_batch_acks_every_event_and_reports_one_past_the_highest_offset(app: Any) -> None:
+    acked = _record_acks(app)
+    channel = app.topic("src", value_serializer="raw").clone(is_iterator=True)
+    await _queue(app, channel, [(7, 2), (8, 2), (9, 2)])
+    stream = app.stream(channel)
+    async for batch in stream.unacked_batches(10, 0.05):
+        assert stream.ack_batch(batch) == {TP("src", 0): 10}
+        break
+    assert acked == [7, 8, 9]
