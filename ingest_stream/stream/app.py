@@ -84,6 +84,7 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "table_standby_replicas": settings.table_standby_replicas,
         "producer_linger": settings.producer_linger_ms / 1000,
         "producer_acks": -1,
+        "broker_commit_interval": settings.commit_interval_s,
         "consumer_auto_offset_reset": "earliest",
         "stream_buffer_maxsize": 16384,
         "recovery_consistency_check": settings.recovery_consistency_check,
