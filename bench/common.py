@@ -10,6 +10,17 @@ def process_figures() -> dict[str, float]:
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores, every process: the brokers and sink
+    servers share the cores with the stage), from /proc/stat. Deltas over a stage, divided by its
+    wall time, give the cores it kept busy: how close the machine itself was to its limit."""
+    ticks = 100.0
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / ticks  # user..steal; guest time is already in user
+
+
 def proc_figures(pid: int) -> dict[str, float]:
     """CPU seconds and peak RSS (MiB) of another running process, from /proc."""
     ticks = 100.0  # os.sysconf("SC_CLK_TCK") on Linux

@@ -13,7 +13,7 @@ import fastjsonschema
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from bench.common import process_figures
+from bench.common import machine_busy_seconds, process_figures
 from ingest_stream.config import Settings
 
 
@@ -27,7 +27,7 @@ async def run(bootstrap: str, source: str, target: str, expected: int) -> dict[s
                                 max_batch_size=256 * 1024)
     await consumer.start()
     await producer.start()
-    done, started, cpu_started = 0, 0.0, 0.0
+    done, started, cpu_started, machine_started = 0, 0.0, 0.0, 0.0
     try:
         while done < expected:
             batches = await consumer.getmany(timeout_ms=1000, max_records=2000)
@@ -35,6 +35,7 @@ async def run(bootstrap: str, source: str, target: str, expected: int) -> dict[s
                 continue
             if not started:
                 started, cpu_started = time.monotonic(), time.process_time()
+                machine_started = machine_busy_seconds()
             deliveries = []
             for records in batches.values():
                 for record in records:
@@ -47,10 +48,12 @@ async def run(bootstrap: str, source: str, target: str, expected: int) -> dict[s
             await consumer.commit()
         elapsed = time.monotonic() - started
         cpu = time.process_time() - cpu_started
+        machine = machine_busy_seconds() - machine_started
     finally:
         await producer.stop()
         await consumer.stop()
-    return {"records": done, "seconds": elapsed, "cpu_seconds": cpu, **process_figures()}
+    return {"records": done, "seconds": elapsed, "cpu_seconds": cpu, "machine_busy_seconds": machine,
+            **process_figures()}
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from bench.common import proc_figures
+from bench.common import machine_busy_seconds, proc_figures
 from ingest_stream.config import SOURCES, Settings
 from ingest_stream.ops.devstack import DevStack, free_port
 from ingest_stream.ops.produce import produce, synthetic_records
@@ -123,13 +123,14 @@ def run_process_stage(argv: list[str], envs: list[dict[str, str]], logs: list[Pa
                       group: str, expected: dict[str, int]) -> dict[str, Any]:
     """Time the processes (already holding a prefilled topic) until the group committed `expected`."""
     with worker_processes(argv, envs, logs) as processes:
-        started = time.monotonic()
+        started, machine_started = time.monotonic(), machine_busy_seconds()
         before = [proc_figures(p.pid) for p in processes]
         wait_committed(processes, bootstrap, group, expected)
         elapsed = time.monotonic() - started
+        machine = machine_busy_seconds() - machine_started
         after = [proc_figures(p.pid) for p in processes]
     cpu = sum(a["cpu_seconds"] - b["cpu_seconds"] for a, b in zip(after, before, strict=True))
-    return {"seconds": elapsed, "cpu_seconds": cpu,
+    return {"seconds": elapsed, "cpu_seconds": cpu, "machine_busy_seconds": machine,
             "peak_rss_mib": max(a["peak_rss_mib"] for a in after)}
 
 
@@ -262,7 +263,9 @@ def within_1s(metrics_url: str) -> dict[str, float]:
 def summarize(name: str, count: int, figures: dict[str, Any]) -> dict[str, Any]:
     return {"stage": name, "records": count, "records_per_s": round(count / figures["seconds"], 1),
             "cpu_us_per_record": round(figures["cpu_seconds"] / count * 1e6, 1),
-            "seconds": round(figures["seconds"], 2), "peak_rss_mib": round(figures["peak_rss_mib"], 1)}
+            "seconds": round(figures["seconds"], 2), "peak_rss_mib": round(figures["peak_rss_mib"], 1),
+            # cores busy machine-wide (stage, broker, sink servers, this harness) of os.cpu_count()
+            "machine_busy_cores": round(figures["machine_busy_seconds"] / figures["seconds"], 2)}
 
 
 def main() -> int:
@@ -336,10 +339,11 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(result, indent=2))
-    print(f"{'stage':<28} {'records/s':>10} {'cpu µs/rec':>11} {'peak RSS MiB':>13}")
+    print(f"{'stage':<28} {'records/s':>10} {'cpu µs/rec':>11} {'peak RSS MiB':>13} "
+          f"{'machine busy':>13}")
     for stage in stages.values():
         print(f"{stage['stage']:<28} {stage['records_per_s']:>10} {stage['cpu_us_per_record']:>11} "
-              f"{stage['peak_rss_mib']:>13}")
+              f"{stage['peak_rss_mib']:>13} {stage['machine_busy_cores']:>7} of {os.cpu_count()}")
     print(f"c/a = {result['ratio_vs_raw']}, c/b = {result['ratio_vs_faust']}  ({path})")
     if "two_workers_speedup" in result:
         print(f"2 workers / 1 worker = {result['two_workers_speedup']}")
