@@ -116,22 +116,21 @@ class RecordValidator:
             if oversize:
                 return self._too_large(raw, {})
             return Rejected(Reason.SCHEMA_DRIFT, Stage.DECODE, f"$: not JSON: {exc}")
-        identity = _identity(document)
         if oversize:
-            return self._too_large(raw, identity)
+            return self._too_large(raw, _identity(document))
         if not isinstance(document, dict):
             error = f"$: expected a JSON object, got {type(document).__name__}"
-            return Rejected(Reason.SCHEMA_DRIFT, Stage.VALIDATE, error, identity)
+            return Rejected(Reason.SCHEMA_DRIFT, Stage.VALIDATE, error, _identity(document))
         version = document.get("schema_version", LEGACY_VERSION)
         validator = self._versions.get(version) if type(version) is int else None
         if validator is None:
             error = f"$.schema_version: unknown schema version {version!r}"
-            return Rejected(Reason.SCHEMA_DRIFT, Stage.VALIDATE, error, identity)
-        rejection = self._validate(validator, document, Stage.VALIDATE, identity)
+            return Rejected(Reason.SCHEMA_DRIFT, Stage.VALIDATE, error, _identity(document))
+        rejection = self._validate(validator, document, Stage.VALIDATE, identity_of=document)
         if rejection is not None:
             return rejection
         if version != self.current_version:
-            upcast = self._upcast(document, version, identity)
+            upcast = self._upcast(document, version)
             if isinstance(upcast, Rejected):
                 return upcast
             document = upcast
@@ -141,26 +140,28 @@ class RecordValidator:
         error = f"$: record is {len(raw)} bytes; the limit is {self.max_record_bytes}"
         return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error, identity)
 
-    def _upcast(
-        self, document: dict[str, Any], version: int, identity: Mapping[str, str]
-    ) -> dict[str, Any] | Rejected:
+    def _upcast(self, original: dict[str, Any], version: int) -> dict[str, Any] | Rejected:
+        document = original
         try:
             for step in range(version, self.current_version):
                 document = self._upcasters[step](document)
         except (KeyError, TypeError, ValueError) as exc:
             error = f"$: upcast from version {version} failed: {exc!r}"
-            return Rejected(Reason.SCHEMA_DRIFT, Stage.TRANSFORM, error, identity)
+            return Rejected(Reason.SCHEMA_DRIFT, Stage.TRANSFORM, error, _identity(original))
         # The transformer's output must itself be a valid current record.
         current = self._versions[self.current_version]
-        return self._validate(current, document, Stage.TRANSFORM, identity) or document
+        return self._validate(current, document, Stage.TRANSFORM, identity_of=original) or document
 
     @staticmethod
     def _validate(
         validator: _VersionValidator,
         document: dict[str, Any],
         stage: Stage,
-        identity: Mapping[str, str],
+        *,
+        identity_of: dict[str, Any],
     ) -> Rejected | None:
+        """None when valid. The rejection names the record by `identity_of` (as it arrived), worked
+        out only when rejecting: most records pass."""
         if validator.fast_valid(document):
             return None
         errors = validator.reference_errors(document)
@@ -169,7 +170,7 @@ class RecordValidator:
         shape = [e for e in errors if e.validator in _SHAPE_KEYWORDS]
         reason = Reason.SCHEMA_DRIFT if shape else Reason.VALIDATION_FAIL
         first = (shape or errors)[0]
-        return Rejected(reason, stage, f"{first.json_path}: {_short(first.message)}", identity)
+        return Rejected(reason, stage, f"{first.json_path}: {_short(first.message)}", _identity(identity_of))
 
 
 def _identity(document: Any) -> dict[str, str]:
