@@ -6,7 +6,7 @@ Labels are bounded: sink, source, reason, stage, outcome, and tenant only throug
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 BATCH_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -39,6 +39,7 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.tenant = TenantLabel(tenant_limit)
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         self.records = Counter(
             "ingest_records_total", "Source records processed, by outcome.",
             ["source", "outcome"], registry=r)
@@ -93,6 +94,14 @@ class Metrics:
         self.tenant_records = Counter(
             "ingest_tenant_records_total", "Source records per tenant (bounded), by outcome.",
             ["tenant", "outcome"], registry=r)
+        # Set to read at scrape time by the app (stream/tables.py): what of the worker's memory is
+        # RocksDB's, against its budget (INGEST_ROCKSDB_BLOCK_CACHE_MIB / _WRITE_BUFFER_MIB).
+        self.rocksdb_block_cache = Gauge(
+            "ingest_rocksdb_block_cache_bytes", "RocksDB block cache in use, shared by the worker's tables.",
+            registry=r)
+        self.rocksdb_memtables = Gauge(
+            "ingest_rocksdb_memtable_bytes", "RocksDB memtables of every table partition open here.",
+            registry=r)
         self.tenant_dlq = Counter(
             "ingest_tenant_dlq_total", "Dead letters per tenant (bounded), by reason.",
             ["tenant", "reason"], registry=r)

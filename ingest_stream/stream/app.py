@@ -31,7 +31,13 @@ from ingest_stream.stream.dlq import DeadLetters
 from ingest_stream.stream.sink_agent import SinkProcessor
 from ingest_stream.stream.source_agent import SourceProcessor
 from ingest_stream.stream.sources import install_file_sources
-from ingest_stream.stream.tables import STORE_URL, declare_tables, evict_expired
+from ingest_stream.stream.tables import (
+    STORE_URL,
+    block_cache_bytes,
+    declare_tables,
+    evict_expired,
+    memtable_bytes,
+)
 from ingest_stream.stream.topics import Topics, declare_topics
 from ingest_stream.stream.watchdog import install_watchdog
 from ingest_stream.stream.webhook import install_webhook
@@ -108,6 +114,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     metrics = metrics or Metrics(tenant_limit=settings.tenant_metrics_limit)
     topics = declare_topics(app, settings)
     tables = declare_tables(app, settings)
+    metrics.rocksdb_block_cache.set_function(lambda: block_cache_bytes(settings))
+    every_table = [t for pair in tables.values() for t in (pair.dedupe, pair.checkpoints)]
+    metrics.rocksdb_memtables.set_function(lambda: memtable_bytes(every_table))
     validator = RecordValidator.from_directory(
         settings.schema_dir, max_record_bytes=settings.max_record_bytes)
     dead_letters = DeadLetters(topics.dlq, metrics, clock=lambda: datetime.now(UTC))

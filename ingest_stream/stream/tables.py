@@ -79,6 +79,22 @@ def worker_rocksdb_memory(write_buffer_bytes: int, block_cache_bytes: int
             rocksdict.WriteBufferManager(write_buffer_bytes, False))
 
 
+def block_cache_bytes(settings: Settings) -> int:
+    """The worker's shared block cache in use (data, index and filter blocks)."""
+    cache, _ = worker_rocksdb_memory(settings.rocksdb_write_buffer_mib * MIB,
+                                     settings.rocksdb_block_cache_mib * MIB)
+    return int(cache.get_usage())
+
+
+def memtable_bytes(tables: Iterable[faust.types.TableT[str, str]]) -> int:
+    """Memtables of every RocksDB instance the tables have open (what the write buffer budget caps)."""
+    total = 0
+    for table in tables:
+        for db in getattr(table.data, "_dbs", {}).values():  # Faust's RocksDB store: partition -> DB
+            total += db.property_int_value("rocksdb.cur-size-all-mem-tables") or 0
+    return total
+
+
 class BudgetedRocksDBOptions(RocksDBOptions):
     def as_options(self) -> rocksdict.Options:
         options: rocksdict.Options = super().as_options()

@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from ingest_stream.ops.devstack import DevStack
 from tests.dataset import v2
 from tests.deploy.grafana import dashboards, exposed_families, expressions, metric_families
@@ -193,6 +195,11 @@ def test_metrics_scrape_passes_promtool(make_worker, kafka: Kafka, prefix: str) 
                  "ingest_retry_total",
                  "ingest_circuit_state", "ingest_duplicates_total", "ingest_brownout_dropped_total"):
         assert f"# TYPE {name} " in scrape, name
+    # What of the worker's memory is RocksDB's: the dedupe keys of the records sit in memtables.
+    samples = {s.name: s.value for family in text_string_to_metric_families(scrape) for s in family.samples}
+    assert samples["ingest_rocksdb_memtable_bytes"] > 0, samples
+    assert 0 <= samples["ingest_rocksdb_block_cache_bytes"] <= 32 * 1024 * 1024  # the default budget
+    assert samples["process_resident_memory_bytes"] > samples["ingest_rocksdb_memtable_bytes"]
     # The dashboard reads only metrics a real worker exposes.
     exposed = exposed_families(scrape)
     for dashboard in dashboards().values():
