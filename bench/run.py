@@ -187,32 +187,54 @@ class IngestStages:
                 "postgres_p99_s": p99, "within_1s_by_sink": within, "worker_cpu_share": round(busy, 2)}
 
     def soak(self, prefix: str, rate: float, seconds: float) -> dict[str, Any]:
-        """A paced run of `seconds`, sampling the worker's resident memory every 10 s: it must
-        stay flat (dedupe keys live in RocksDB, not in Python)."""
+        """A paced run of `seconds`, sampling the worker's resident memory every 10 s, and the part
+        of it that is RocksDB's (block cache and memtables, from the worker's /metrics): the rest
+        must stay flat (dedupe keys live in RocksDB, not in Python)."""
         self._topics(prefix)
         n = int(rate * seconds)
-        samples: list[float] = []
-        with worker_processes(WORKER_ARGV, self._envs(prefix, 1), [self.work / f"{prefix}.log"]) as processes:
+        envs = self._envs(prefix, 1)
+        metrics_url = f"http://127.0.0.1:{envs[0]['INGEST_WEB_PORT']}/metrics"
+        rss: list[float] = []
+        rocksdb: list[float] = []
+        with worker_processes(WORKER_ARGV, envs, [self.work / f"{prefix}.log"]) as processes:
             pid = processes[0].pid
             done = threading.Event()
 
             def sample() -> None:
-                while not done.wait(10):
-                    samples.append(rss_mib(pid))
+                rss.append(rss_mib(pid))
+                rocksdb.append(rocksdb_mib(metrics_url))
 
-            sampler = threading.Thread(target=sample, daemon=True)
-            samples.append(rss_mib(pid))
+            def sample_every_10s() -> None:
+                while not done.wait(10):
+                    sample()
+
+            sampler = threading.Thread(target=sample_every_10s, daemon=True)
+            sample()
             sampler.start()
             self._paced(processes, prefix, rate, n)
             done.set()
             sampler.join()
-            samples.append(rss_mib(pid))
+            sample()
         # RocksDB's memtables and block cache fill up to the worker's budget first; growth that goes
         # on in the second half (caches warm) is what a leak would look like.
-        middle = samples[len(samples) // 2]
-        return {"rate": round(rate, 1), "seconds": seconds, "records": n, "rss_start_mib": samples[0],
-                "rss_middle_mib": middle, "rss_end_mib": samples[-1], "rss_max_mib": max(samples),
-                "rss_second_half_growth_mib": round(samples[-1] - middle, 1), "rss_samples_mib": samples}
+        middle = len(rss) // 2
+        return {"rate": round(rate, 1), "seconds": seconds, "records": n, "rss_start_mib": rss[0],
+                "rss_middle_mib": rss[middle], "rss_end_mib": rss[-1], "rss_max_mib": max(rss),
+                "rss_second_half_growth_mib": round(rss[-1] - rss[middle], 1),
+                "rocksdb_start_mib": rocksdb[0], "rocksdb_middle_mib": rocksdb[middle],
+                "rocksdb_end_mib": rocksdb[-1],
+                "rss_less_rocksdb_second_half_growth_mib": round(
+                    (rss[-1] - rocksdb[-1]) - (rss[middle] - rocksdb[middle]), 1),
+                "rss_samples_mib": rss, "rocksdb_samples_mib": rocksdb}
+
+
+def rocksdb_mib(metrics_url: str) -> float:
+    """The worker's RocksDB block cache and memtables in use (ingest_rocksdb_*_bytes), in MiB."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    used = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(("ingest_rocksdb_block_cache_bytes ", "ingest_rocksdb_memtable_bytes ")))
+    return round(used / 2**20, 1)
 
 
 def rss_mib(pid: int) -> float:
@@ -351,7 +373,9 @@ def main() -> int:
         print(f"soak {soak['seconds']:.0f} s at {soak['rate']:.0f} records/s: worker RSS "
               f"{soak['rss_start_mib']} MiB at start, {soak['rss_middle_mib']} MiB halfway, "
               f"{soak['rss_end_mib']} MiB at the end (second half "
-              f"{soak['rss_second_half_growth_mib']:+} MiB), max {soak['rss_max_mib']} MiB")
+              f"{soak['rss_second_half_growth_mib']:+} MiB), max {soak['rss_max_mib']} MiB; of it RocksDB "
+              f"{soak['rocksdb_start_mib']} -> {soak['rocksdb_middle_mib']} -> {soak['rocksdb_end_mib']} MiB,"
+              f" the rest {soak['rss_less_rocksdb_second_half_growth_mib']:+} MiB in the second half")
     if latency:
         print(f"latency at {latency['rate']:.0f} records/s (80 % of c): postgres p50/p95/p99 = "
               f"{latency['postgres_p50_s']}/{latency['postgres_p95_s']}/{latency['postgres_p99_s']} s; "
