@@ -106,8 +106,12 @@ def worker_processes(argv: list[str], envs: list[dict[str, str]], logs: list[Pat
 
 
 def wait_committed(processes: list[subprocess.Popen[bytes]], bootstrap: str, group: str,
-                   expected: dict[str, int], timeout_s: float = 1800) -> None:
+                   expected: dict[str, int], timeout_s: float = 1800, metrics_urls: list[str] | None = None,
+                   ) -> None:
+    """Until the group committed `expected`. With the workers' `metrics_urls`, fails fast once
+    backpressure has dropped records: the sink topics would never reach the count."""
     deadline = time.monotonic() + timeout_s
+    polls = 0
     while time.monotonic() < deadline:
         done = asyncio.run(committed(bootstrap, group, list(expected)))
         if all(done[t] >= n for t, n in expected.items()):
@@ -115,6 +119,14 @@ def wait_committed(processes: list[subprocess.Popen[bytes]], bootstrap: str, gro
         for process in processes:
             if process.poll() is not None:
                 raise RuntimeError(f"a stage process exited ({process.returncode})")
+        polls += 1
+        if metrics_urls and polls % 25 == 0:
+            dropped = sum(brownout_dropped(url) for url in metrics_urls)
+            if dropped:
+                raise RuntimeError(
+                    f"the workers fell behind this rate: backpressure reached brownout and dropped "
+                    f"{dropped:.0f} low-priority records (ingest_brownout_dropped_total), so the sink "
+                    f"topics will never hold {expected}. Measure at a lower rate.")
         time.sleep(0.2)
     raise RuntimeError(f"group {group} did not commit {expected} in {timeout_s}s")
 
@@ -140,11 +152,18 @@ class IngestStages:
     def __init__(self, stack: DevStack, settings: Settings, work: Path, sinks: str) -> None:
         self.stack, self.settings, self.work, self.sinks = stack, settings, work, sinks
 
-    def _envs(self, prefix: str, workers: int) -> list[dict[str, str]]:
+    def _envs(self, prefix: str, workers: int, *, backlog: bool = False) -> list[dict[str, str]]:
+        """Each worker's settings. A `backlog` stage starts on a prefilled topic: lag from its first
+        second, so automatic backpressure would throttle the source to INGEST_THROTTLE_RATE after
+        30 s (it did, in every earlier run) and the stage would time the throttle, not the pipeline.
+        There the thresholds are put out of reach; paced stages keep the defaults."""
+        unthrottled = {"INGEST_THROTTLE_LAG_S": "86400", "INGEST_BROWNOUT_LAG_S": "86400",
+                       "INGEST_THROTTLE_LAG_RECORDS": str(10**12),
+                       "INGEST_BROWNOUT_LAG_RECORDS": str(10**12)} if backlog else {}
         return [{**self.stack.settings_env(), "INGEST_APP_ID": f"{prefix}-ingest",
                  "INGEST_TOPIC_PREFIX": prefix, "INGEST_DATA_DIR": str(self.work / f"{prefix}-data-{i}"),
                  "INGEST_WEB_PORT": str(free_port()), "INGEST_WEB_HOST": "127.0.0.1",
-                 "INGEST_LOG_LEVEL": "info", "INGEST_SINKS": self.sinks}
+                 "INGEST_LOG_LEVEL": "info", "INGEST_SINKS": self.sinks, **unthrottled}
                 for i in range(workers)]
 
     def _expected(self, prefix: str, n: int) -> dict[str, int]:
@@ -157,17 +176,19 @@ class IngestStages:
         self._topics(prefix)
         asyncio.run(produce(self.settings, records(n, tenant_prefix=prefix), topic=f"{prefix}.source.kafka",
                             progress_every=10**9))
-        return run_process_stage(WORKER_ARGV, self._envs(prefix, workers),
+        return run_process_stage(WORKER_ARGV, self._envs(prefix, workers, backlog=True),
                                  [self.work / f"{prefix}-{i}.log" for i in range(workers)],
                                  self.stack.kafka_bootstrap, f"{prefix}-ingest", self._expected(prefix, n))
 
-    def _paced(self, processes: list[subprocess.Popen[bytes]], prefix: str, rate: float, n: int) -> None:
+    def _paced(self, processes: list[subprocess.Popen[bytes]], envs: list[dict[str, str]], prefix: str,
+               rate: float, n: int) -> None:
         """Produce `n` records stamped with the moment they are sent, at `rate`; wait until done."""
         values = (orjson.dumps(r) for r in synthetic_records(
             n, entities=n, tenants=3, tenant_prefix=prefix, stamp_now=True))
         asyncio.run(produce(self.settings, values, topic=f"{prefix}.source.kafka", rate=rate,
                             progress_every=10**9))
-        wait_committed(processes, self.stack.kafka_bootstrap, f"{prefix}-ingest", self._expected(prefix, n))
+        wait_committed(processes, self.stack.kafka_bootstrap, f"{prefix}-ingest", self._expected(prefix, n),
+                       metrics_urls=[metrics_url(env) for env in envs])
 
     def latency(self, prefix: str, rate: float, seconds: float) -> dict[str, Any]:
         """Records stamped with the moment they are produced, at `rate`: Postgres's own clock
@@ -178,10 +199,10 @@ class IngestStages:
         envs = self._envs(prefix, 1)
         with worker_processes(WORKER_ARGV, envs, [self.work / f"{prefix}.log"]) as processes:
             started, before = time.monotonic(), proc_figures(processes[0].pid)
-            self._paced(processes, prefix, rate, n)
+            self._paced(processes, envs, prefix, rate, n)
             busy = (proc_figures(processes[0].pid)["cpu_seconds"] - before["cpu_seconds"]) / (
                 time.monotonic() - started)
-            within = within_1s(f"http://127.0.0.1:{envs[0]['INGEST_WEB_PORT']}/metrics")
+            within = within_1s(metrics_url(envs[0]))
         p50, p95, p99 = asyncio.run(postgres_latency(self.stack.postgres_dsn, f"{prefix}-%"))
         return {"rate": round(rate, 1), "records": n, "postgres_p50_s": p50, "postgres_p95_s": p95,
                 "postgres_p99_s": p99, "within_1s_by_sink": within, "worker_cpu_share": round(busy, 2)}
@@ -193,7 +214,7 @@ class IngestStages:
         self._topics(prefix)
         n = int(rate * seconds)
         envs = self._envs(prefix, 1)
-        metrics_url = f"http://127.0.0.1:{envs[0]['INGEST_WEB_PORT']}/metrics"
+        url = metrics_url(envs[0])
         rss: list[float] = []
         rocksdb: list[float] = []
         with worker_processes(WORKER_ARGV, envs, [self.work / f"{prefix}.log"]) as processes:
@@ -202,7 +223,7 @@ class IngestStages:
 
             def sample() -> None:
                 rss.append(rss_mib(pid))
-                rocksdb.append(rocksdb_mib(metrics_url))
+                rocksdb.append(rocksdb_mib(url))
 
             def sample_every_10s() -> None:
                 while not done.wait(10):
@@ -211,7 +232,7 @@ class IngestStages:
             sampler = threading.Thread(target=sample_every_10s, daemon=True)
             sample()
             sampler.start()
-            self._paced(processes, prefix, rate, n)
+            self._paced(processes, envs, prefix, rate, n)
             done.set()
             sampler.join()
             sample()
@@ -228,9 +249,21 @@ class IngestStages:
                 "rss_samples_mib": rss, "rocksdb_samples_mib": rocksdb}
 
 
-def rocksdb_mib(metrics_url: str) -> float:
+def metrics_url(env: dict[str, str]) -> str:
+    return f"http://127.0.0.1:{env['INGEST_WEB_PORT']}/metrics"
+
+
+def brownout_dropped(url: str) -> float:
+    """Records backpressure dropped so far (ingest_brownout_dropped_total, all sources)."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ingest_brownout_dropped_total{"))
+
+
+def rocksdb_mib(url: str) -> float:
     """The worker's RocksDB block cache and memtables in use (ingest_rocksdb_*_bytes), in MiB."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     used = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(("ingest_rocksdb_block_cache_bytes ", "ingest_rocksdb_memtable_bytes ")))
@@ -263,9 +296,9 @@ async def postgres_latency(dsn: str, tenants_like: str) -> tuple[float, float, f
     return p50, p95, p99
 
 
-def within_1s(metrics_url: str) -> dict[str, float]:
+def within_1s(url: str) -> dict[str, float]:
     """Per sink, the share of records whose source-to-sink latency was at most 1 s."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     at_most: dict[str, float] = {}
     total: dict[str, float] = {}
