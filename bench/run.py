@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -315,6 +315,14 @@ def within_1s(url: str) -> dict[str, float]:
     return {sink: round(at_most.get(sink, 0.0) / count, 4) for sink, count in total.items() if count}
 
 
+def paced_stage(rate: float, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A paced stage's figures, or why it failed: the stages measured before it are kept."""
+    try:
+        return run()
+    except RuntimeError as exc:
+        return {"rate": round(rate, 1), "error": str(exc)}
+
+
 def summarize(name: str, count: int, figures: dict[str, Any]) -> dict[str, Any]:
     return {"stage": name, "records": count, "records_per_s": round(count / figures["seconds"], 1),
             "cpu_us_per_record": round(figures["cpu_seconds"] / count * 1e6, 1),
@@ -371,12 +379,12 @@ def main() -> int:
         latency = None
         if args.latency_seconds:
             rate = 0.8 * stages["c_ingest_stream"]["records_per_s"]
-            latency = ingest.latency("benchlat", rate, args.latency_seconds)
+            latency = paced_stage(rate, lambda: ingest.latency("benchlat", rate, args.latency_seconds))
             print(latency, file=sys.stderr)
         soak = None
         if args.soak_seconds:
             rate = 0.5 * stages["c_ingest_stream"]["records_per_s"]
-            soak = ingest.soak("benchsoak", rate, args.soak_seconds)
+            soak = paced_stage(rate, lambda: ingest.soak("benchsoak", rate, args.soak_seconds))
             print(soak, file=sys.stderr)
 
     a, b, c = (stages[k]["records_per_s"] for k in ("a_raw", "b_faust", "c_ingest_stream"))
@@ -402,14 +410,17 @@ def main() -> int:
     print(f"c/a = {result['ratio_vs_raw']}, c/b = {result['ratio_vs_faust']}  ({path})")
     if "two_workers_speedup" in result:
         print(f"2 workers / 1 worker = {result['two_workers_speedup']}")
-    if soak:
+    for name, paced in (("latency", latency), ("soak", soak)):
+        if paced and "error" in paced:
+            print(f"{name} at {paced['rate']:.0f} records/s FAILED: {paced['error']}")
+    if soak and "error" not in soak:
         print(f"soak {soak['seconds']:.0f} s at {soak['rate']:.0f} records/s: worker RSS "
               f"{soak['rss_start_mib']} MiB at start, {soak['rss_middle_mib']} MiB halfway, "
               f"{soak['rss_end_mib']} MiB at the end (second half "
               f"{soak['rss_second_half_growth_mib']:+} MiB), max {soak['rss_max_mib']} MiB; of it RocksDB "
               f"{soak['rocksdb_start_mib']} -> {soak['rocksdb_middle_mib']} -> {soak['rocksdb_end_mib']} MiB,"
               f" the rest {soak['rss_less_rocksdb_second_half_growth_mib']:+} MiB in the second half")
-    if latency:
+    if latency and "error" not in latency:
         print(f"latency at {latency['rate']:.0f} records/s (80 % of c): postgres p50/p95/p99 = "
               f"{latency['postgres_p50_s']}/{latency['postgres_p95_s']}/{latency['postgres_p99_s']} s; "
               f"share within 1 s by sink: {latency['within_1s_by_sink']}")
