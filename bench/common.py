@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 
+CLOCK_TICKS = 100.0  # os.sysconf("SC_CLK_TCK") on Linux: the unit of /proc's CPU times
+
 
 def process_figures() -> dict[str, float]:
     """Peak resident memory of this process, in MiB."""
@@ -14,19 +16,17 @@ def machine_busy_seconds() -> float:
     """CPU seconds the whole machine spent busy (all cores, every process: the brokers and sink
     servers share the cores with the stage), from /proc/stat. Deltas over a stage, divided by its
     wall time, give the cores it kept busy: how close the machine itself was to its limit."""
-    ticks = 100.0
     with open("/proc/stat") as stat:
         fields = [int(x) for x in stat.readline().split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / ticks  # user..steal; guest time is already in user
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS  # user..steal; guest time is already in user
 
 
 def proc_figures(pid: int) -> dict[str, float]:
     """CPU seconds and peak RSS (MiB) of another running process, from /proc."""
-    ticks = 100.0  # os.sysconf("SC_CLK_TCK") on Linux
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
     peak = 0.0
     with open(f"/proc/{pid}/status") as status:
         for line in status:

@@ -253,20 +253,25 @@ def metrics_url(env: dict[str, str]) -> str:
     return f"http://127.0.0.1:{env['INGEST_WEB_PORT']}/metrics"
 
 
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body: bytes = response.read()
+    return body.decode()
+
+
+def summed(text: str, *series: str) -> float:
+    """The sum of the samples whose line starts with one of `series` (a name and `{` or ` `)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series))
+
+
 def brownout_dropped(url: str) -> float:
     """Records backpressure dropped so far (ingest_brownout_dropped_total, all sources)."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("ingest_brownout_dropped_total{"))
+    return summed(scrape(url), "ingest_brownout_dropped_total{")
 
 
 def rocksdb_mib(url: str) -> float:
     """The worker's RocksDB block cache and memtables in use (ingest_rocksdb_*_bytes), in MiB."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    used = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(("ingest_rocksdb_block_cache_bytes ", "ingest_rocksdb_memtable_bytes ")))
+    used = summed(scrape(url), "ingest_rocksdb_block_cache_bytes ", "ingest_rocksdb_memtable_bytes ")
     return round(used / 2**20, 1)
 
 
@@ -298,8 +303,7 @@ async def postgres_latency(dsn: str, tenants_like: str) -> tuple[float, float, f
 
 def within_1s(url: str) -> dict[str, float]:
     """Per sink, the share of records whose source-to-sink latency was at most 1 s."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
+    text = scrape(url)
     at_most: dict[str, float] = {}
     total: dict[str, float] = {}
     for line in text.splitlines():
