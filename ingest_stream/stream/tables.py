@@ -80,9 +80,11 @@ def worker_rocksdb_memory(write_buffer_bytes: int, block_cache_bytes: int
 
 
 def block_cache_bytes(settings: Settings) -> int:
-    """The worker's shared block cache in use (data, index and filter blocks)."""
-    cache, _ = worker_rocksdb_memory(settings.rocksdb_write_buffer_mib * MIB,
-                                     settings.rocksdb_block_cache_mib * MIB)
+    """The worker's shared block cache in use (data, index and filter blocks): the one the stores
+    opened with, from the same options."""
+    options = rocksdb_options(settings)
+    cache, _ = worker_rocksdb_memory(options["worker_write_buffer_bytes"],
+                                     options["worker_block_cache_bytes"])
     return int(cache.get_usage())
 
 
