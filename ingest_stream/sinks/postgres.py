@@ -54,7 +54,8 @@ class PostgresSink:
     async def open(self) -> None:
         with translated_errors(_classify):
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=4, command_timeout=self._timeout_s
+                self._dsn, min_size=1, max_size=4, command_timeout=self._timeout_s,
+                reset=_nothing_to_reset,
             )
             async with self._pool.acquire() as conn:
                 await migrate(conn)
@@ -81,14 +82,27 @@ class PostgresSink:
         }
 
     async def write(self, writes: Sequence[Write]) -> None:
+        """One statement, atomic on its own, for the usual batch; a transaction (two more round
+        trips) only when reprocessed records need the `<=` guard beside the `<` one."""
         normal = [w for w in writes if not w.may_rewrite_equal]
         rewrites = [w for w in writes if w.may_rewrite_equal]
+        statements = [(_UPSERT.format(guard=guard), _columns(part))
+                      for guard, part in (("<", normal), ("<=", rewrites)) if part]
         with translated_errors(_classify):
+            if len(statements) == 1:
+                query, columns = statements[0]
+                await self.pool.execute(query, *columns)
+                return
             async with self.pool.acquire() as conn, conn.transaction():
-                if normal:
-                    await conn.execute(_UPSERT.format(guard="<"), *_columns(normal))
-                if rewrites:
-                    await conn.execute(_UPSERT.format(guard="<="), *_columns(rewrites))
+                for query, columns in statements:
+                    await conn.execute(query, *columns)
+
+
+async def _nothing_to_reset(connection: asyncpg.Connection) -> None:
+    """The pool's reset on release. asyncpg's default sends `SELECT pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL` after every use: a round trip per query here, for session
+    state this sink never sets (its only lock is transaction-scoped). An open transaction is still
+    rolled back by the pool before this is called."""
 
 
 def _columns(writes: Sequence[Write]) -> list[list[object]]:
