@@ -86,6 +86,9 @@ def run_lag(args: argparse.Namespace) -> int:
 
 
 def run_worker() -> int:
+    from ingest_stream.malloc import hold_thresholds
+
+    hold_thresholds()  # before the app allocates its buffers
     from ingest_stream.app import app
 
     settings = app.pipeline.settings  # type: ignore[attr-defined]
