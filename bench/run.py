@@ -199,13 +199,17 @@ class IngestStages:
         envs = self._envs(prefix, 1)
         with worker_processes(WORKER_ARGV, envs, [self.work / f"{prefix}.log"]) as processes:
             started, before = time.monotonic(), proc_figures(processes[0].pid)
+            machine_started = machine_busy_seconds()
             self._paced(processes, envs, prefix, rate, n)
-            busy = (proc_figures(processes[0].pid)["cpu_seconds"] - before["cpu_seconds"]) / (
-                time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            busy = (proc_figures(processes[0].pid)["cpu_seconds"] - before["cpu_seconds"]) / elapsed
+            machine = (machine_busy_seconds() - machine_started) / elapsed
             within = within_1s(metrics_url(envs[0]))
         p50, p95, p99 = asyncio.run(postgres_latency(self.stack.postgres_dsn, f"{prefix}-%"))
         return {"rate": round(rate, 1), "records": n, "postgres_p50_s": p50, "postgres_p95_s": p95,
-                "postgres_p99_s": p99, "within_1s_by_sink": within, "worker_cpu_share": round(busy, 2)}
+                "postgres_p99_s": p99, "within_1s_by_sink": within, "worker_cpu_share": round(busy, 2),
+                # here the producer runs too (this harness), beside the worker and the servers
+                "machine_busy_cores": round(machine, 2)}
 
     def soak(self, prefix: str, rate: float, seconds: float) -> dict[str, Any]:
         """A paced run of `seconds`, sampling the worker's resident memory every 10 s, and the part
