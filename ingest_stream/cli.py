@@ -86,9 +86,11 @@ def run_lag(args: argparse.Namespace) -> int:
 
 
 def run_worker() -> int:
+    from ingest_stream.config import Settings
     from ingest_stream.malloc import hold_thresholds
 
-    hold_thresholds()  # before the app allocates its buffers
+    # before the app allocates its buffers
+    hold_thresholds(Settings.from_env().malloc_mmap_threshold_kib * 1024)
     from ingest_stream.app import app
 
     settings = app.pipeline.settings  # type: ignore[attr-defined]

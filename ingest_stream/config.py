@@ -62,6 +62,7 @@ class Settings:
     # RocksDB memory of the whole worker, shared by every table partition (stream/tables.py)
     rocksdb_write_buffer_mib: int = 16
     rocksdb_block_cache_mib: int = 32
+    malloc_mmap_threshold_kib: int = 128  # held at worker start (malloc.py); 0: glibc's moving one
     sink_timeout_s: float = 10.0
     sink_retry_base_s: float = 0.2
     sink_retry_cap_s: float = 10.0

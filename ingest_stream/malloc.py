@@ -6,7 +6,9 @@ free. Each time such a block is freed, glibc raises the threshold to that block'
 MiB each, several per second) come from the heap instead. Freed there, they leave holes that later
 small allocations pin, and the heap only grows: in a 10-minute soak the worker's RSS rose 60 MiB
 more than with the threshold held at 128 KiB, with Python's own heap and RocksDB's caches flat
-(README, Benchmark). Setting the threshold explicitly turns the adjustment off.
+(README, Benchmark). Setting the threshold explicitly turns the adjustment off. It costs some CPU
+(large buffers are mapped, faulted in and unmapped each time): about 4 % per record on the bench's
+(c) stage. `INGEST_MALLOC_MMAP_THRESHOLD_KIB=0` leaves glibc's own behaviour.
 
 Same effect as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment, but it holds
 however the worker is started. A no-op where the C library is not glibc.
@@ -21,19 +23,21 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # <malloc.h>
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value, held
 TRIM_THRESHOLD_BYTES = 128 * 1024  # free memory at the top of the heap above this goes back
 
 
-def hold_thresholds() -> bool:
-    """Fix glibc's mmap and trim thresholds; returns whether it could (glibc only)."""
+def hold_thresholds(mmap_threshold_bytes: int) -> bool:
+    """Fix glibc's mmap threshold (128 KiB is its own starting value) and trim threshold; returns
+    whether it did (glibc only, and a threshold above 0)."""
+    if mmap_threshold_bytes <= 0:
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    held = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+    held = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold_bytes)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     if not held:
         log.warning("mallopt refused the thresholds; the worker's heap may fragment over time")

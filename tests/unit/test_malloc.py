@@ -22,7 +22,9 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "held":
-    assert hold_thresholds()
+    assert hold_thresholds(128 << 10)
+else:
+    assert not hold_thresholds(0)  # INGEST_MALLOC_MMAP_THRESHOLD_KIB=0: glibc's own
 big = bytearray(4 << 20)  # mmapped at glibc's starting threshold; freeing it raises the threshold
 del big
 before = libc.mallinfo2().hblkhd
@@ -41,5 +43,6 @@ def _mmapped_bytes_of_a_medium_buffer(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_held_thresholds_keep_large_buffers_mmapped_after_a_larger_free() -> None:
     assert _mmapped_bytes_of_a_medium_buffer("held") >= 512 << 10
-    # glibc's default, for contrast: the freed 4 MiB block moved the threshold past 512 KiB
+    # glibc's default (and a threshold of 0), for contrast: the freed 4 MiB block moved the
+    # threshold past 512 KiB
     assert _mmapped_bytes_of_a_medium_buffer("default") == 0
