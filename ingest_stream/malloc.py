@@ -4,11 +4,11 @@ glibc serves an allocation above its mmap threshold (128 KiB at start) with its 
 free. Each time such a block is freed, glibc raises the threshold to that block's size (up to
 32 MiB), so from then on the broker's fetch responses and produce buffers (hundreds of KiB to a few
 MiB each, several per second) come from the heap instead. Freed there, they leave holes that later
-small allocations pin, and the heap only grows: in a 10-minute soak the worker's RSS rose 60 MiB
-more than with the threshold held at 128 KiB, with Python's own heap and RocksDB's caches flat
-(README, Benchmark). Setting the threshold explicitly turns the adjustment off. It costs some CPU
-(large buffers are mapped, faulted in and unmapped each time): about 4 % per record on the bench's
-(c) stage. `INGEST_MALLOC_MMAP_THRESHOLD_KIB=0` leaves glibc's own behaviour.
+small allocations pin, and the heap only grows: after a 10-minute soak the worker's RSS was 41 MiB
+above a run with the threshold held at 128 KiB (278 against 237 MiB), with Python's own heap and
+RocksDB's caches flat (README, Benchmark). Setting the threshold explicitly turns the adjustment
+off. It costs some CPU (large buffers are mapped, faulted in and unmapped each time): about 4 % per
+record on the bench's (c) stage. `INGEST_MALLOC_MMAP_THRESHOLD_KIB=0` leaves glibc's own behaviour.
 
 Same effect as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment, but it holds
 however the worker is started. A no-op where the C library is not glibc.

@@ -18,6 +18,7 @@ from ingest_stream.ops.devstack import DevStack
 from ingest_stream.sinks.base import Write
 from ingest_stream.sinks.postgres import PostgresSink
 from tests.dataset import v2
+from tests.integration.harness import SinkReader
 
 
 def _write(tenant: str, record_id: str, revision: int, *, rewrite: bool = False) -> Write:
@@ -31,17 +32,8 @@ async def _apply(sink: PostgresSink, writes: list[Write]) -> None:
     await sink.write(writes)
 
 
-async def _rows(dsn: str, tenant: str) -> dict[str, int]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT id, revision FROM ingest_records WHERE tenant = $1", tenant)
-    finally:
-        await conn.close()
-    return {row["id"]: row["revision"] for row in rows}
-
-
 def test_a_batch_is_one_read_and_one_write_statement_and_the_guard_holds(
-        stack: DevStack, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        stack: DevStack, sinks: SinkReader, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[str] = []
 
     async def log_queries(connection: asyncpg.Connection) -> None:
@@ -70,11 +62,11 @@ def test_a_batch_is_one_read_and_one_write_statement_and_the_guard_holds(
             mixed = list(sent)
         finally:
             await sink.close()
-        return {"usual": usual, "older": older, "mixed": mixed,
-                "rows": await _rows(stack.postgres_dsn, tenant)}
+        return {"usual": usual, "older": older, "mixed": mixed}
 
     seen = asyncio.run(scenario())
     assert seen["usual"] == ["SELECT", "INSERT"]  # no BEGIN/COMMIT, no reset query on release
     assert seen["older"] == ["SELECT", "INSERT"]
     assert seen["mixed"] == ["SELECT", "BEGIN", "INSERT", "INSERT", "COMMIT"]
-    assert seen["rows"] == {"a": 3, "b": 1}
+    assert {record_id: row["revision"] for (_, record_id), row in sinks.postgres([tenant]).items()} == {
+        "a": 3, "b": 1}
