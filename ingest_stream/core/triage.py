@@ -49,10 +49,11 @@ class DeadLetter:
     @property
     def failure(self) -> tuple[object, ...]:
         """What failed where: equal for the copies a crash-and-redeliver publishes twice, different
-        for the same record failing again after a redrive (its redrive count differs)."""
+        for the same record failing again after a redrive (its redrive count differs). The failed
+        offset is left out: a worker killed before committing its fan-out sends the record to the
+        sink topic again, at a new offset, and the copy fails there the same way."""
         e = self.envelope
-        return (e.origin.topic, e.origin.partition, e.origin.offset, e.stage.value,
-                e.failed and (e.failed.topic, e.failed.partition, e.failed.offset), self.redrives)
+        return (e.origin.topic, e.origin.partition, e.origin.offset, e.stage.value, self.redrives)
 
     @property
     def redrives(self) -> int:

@@ -20,8 +20,8 @@ SOURCE = Position("ingest.source.kafka", 1, 40)
 
 
 def letter(reason=Reason.CONNECTION_ERROR, stage=Stage.SINK_TYPESENSE, *, tenant="acme-corp",
-           extra=(), failed_at=WHEN, offset=7) -> DeadLetter:
-    failed = Position(f"ingest.sink.{stage.sink}", 2, 90) if stage.sink else None
+           extra=(), failed_at=WHEN, offset=7, failed_offset=90) -> DeadLetter:
+    failed = Position(f"ingest.sink.{stage.sink}", 2, failed_offset) if stage.sink else None
     headers = failure_headers(
         [("traceparent", b"00-1"), ("ingest.origin.topic", b"ingest.source.kafka"), *extra],
         reason=reason, stage=stage, error="boom", attempts=3, origin=SOURCE, failed=failed,
@@ -100,8 +100,10 @@ def test_statuses_fold_to_the_latest_per_letter_and_tombstones_clear():
 def test_a_republished_copy_is_the_same_failure_and_a_failure_after_a_redrive_is_not():
     first = letter(offset=7)
     copy = letter(offset=8)  # the same headers, published again after a restart
-    after_redrive = letter(offset=9, extra=[("ingest.redrive", b"1")])
-    assert first.failure == copy.failure
+    # The fan-out re-sent after a restart: the sink topic holds the record twice, both fail.
+    refanned = letter(offset=9, failed_offset=91)
+    after_redrive = letter(offset=10, extra=[("ingest.redrive", b"1")])
+    assert first.failure == copy.failure == refanned.failure
     assert after_redrive.failure != first.failure
 
 
