@@ -82,16 +82,21 @@ class WorkerProcess:
     exits: list[int] = field(default_factory=list)  # exit codes seen by the supervisor
     _supervisor: threading.Thread | None = None
     _stopping: bool = False
+    _killed: bool = False  # by the test itself: the test restarts it, not the supervisor
+    _lifecycle: threading.RLock = field(default_factory=threading.RLock)
 
     def supervise(self, restart_on: tuple[int, ...] = (STALL_EXIT_CODE,)) -> None:
-        """Act as an orchestrator: restart the worker when it exits with one of these codes."""
+        """Act as an orchestrator: restart the worker when it exits with one of these codes (not
+        after the test's own `kill`)."""
         def watch() -> None:
             while not self._stopping:
-                if self.process is not None and self.process.poll() is not None and not self._stopping:
-                    self.exits.append(self.process.returncode)
-                    if self.process.returncode not in restart_on:
-                        return
-                    self.start()
+                with self._lifecycle:
+                    if (self.process is not None and self.process.poll() is not None
+                            and not (self._stopping or self._killed)):
+                        self.exits.append(self.process.returncode)
+                        if self.process.returncode not in restart_on:
+                            return
+                        self.start()
                 time.sleep(0.5)  # a supervisor's polling interval
 
         self._supervisor = threading.Thread(target=watch, daemon=True)
@@ -102,15 +107,17 @@ class WorkerProcess:
         return int(self.env["INGEST_WEB_PORT"])
 
     def start(self) -> None:
-        assert self.process is None or self.process.poll() is not None, "already running"
-        with self.log_path.open("ab") as log:
-            log.write(f"\n===== worker start {time.strftime('%X')} =====\n".encode())
-            log.flush()
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "ingest_stream.cli", "worker"],
-                env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
-                cwd=PROJECT_ROOT, start_new_session=True)
-        eventually(self._healthy, timeout_s=60, context=self.log_tail)
+        with self._lifecycle:
+            assert self.process is None or self.process.poll() is not None, "already running"
+            with self.log_path.open("ab") as log:
+                log.write(f"\n===== worker start {time.strftime('%X')} =====\n".encode())
+                log.flush()
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "ingest_stream.cli", "worker"],
+                    env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=PROJECT_ROOT, start_new_session=True)
+            self._killed = False
+            eventually(self._healthy, timeout_s=60, context=self.log_tail)
 
     def _healthy(self) -> None:
         assert self.process is not None and self.process.poll() is None, "worker exited"
@@ -122,9 +129,11 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hooks, no final commit."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
+        with self._lifecycle:
+            assert self.process is not None
+            self._killed = True
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
 
     def stop(self) -> int | None:
         self._stopping = True

@@ -114,8 +114,9 @@ def test_a_sink_down_with_dlq_policy_dead_letters_its_records_and_a_redrive_comp
         # Exactly the records Typesense missed are dead-lettered, for Typesense only.
         eventually(lambda: assert_equal(_dlq_positions(kafka, prefix), expected), timeout_s=180,
                    interval_s=2, context=worker.log_tail)
-        for other in ("postgres", "neo4j"):
-            assert_equal(*state[other]())
+        for other in ("postgres", "neo4j"):  # the graph server may still be writing the last batches
+            eventually(lambda other=other: assert_equal(*state[other]()), timeout_s=120,
+                       context=worker.log_tail)
     reasons = {entry[3] for entry in dlq_entries(kafka, f"{prefix}.dlq")}
     assert reasons <= {"CONNECTION_ERROR", "CIRCUIT_OPEN", "SINK_TIMEOUT"}, reasons
     assert worker.metric("ingest_circuit_transitions_total", sink="typesense", state="open") >= 1
@@ -201,7 +202,8 @@ def test_a_constraint_violation_goes_straight_to_the_dlq_for_that_sink_only(
         eventually(lambda: assert_equal(_revisions(sinks.graph_nodes([tenant])), everyone), timeout_s=60)
         accepted = {k: v for k, v in everyone.items() if k[1] not in refused}
         assert _revisions(sinks.postgres([tenant])) == accepted
-        assert worker.metric("ingest_retry_total", sink="postgres") == 0  # not retried
+        # Not retried (a slow first connection may be: only constraint violations are counted here).
+        assert worker.metric("ingest_retry_total", sink="postgres", reason="CONSTRAINT_VIOLATION") == 0
         for message in kafka.read_all(f"{prefix}.dlq"):
             assert headers_of(message)["dlq.attempts"] == "1"
             assert headers_of(message)["dlq.retryable"] == "false"
@@ -220,9 +222,9 @@ def test_a_hung_sink_times_out_is_retried_then_dead_lettered(
         INGEST_BREAKER_FAILURE_THRESHOLD="1000", INGEST_BREAKER_WINDOW="1000")
     worker.start()
     records = [(f"{tenant}:h{i}".encode(), json.dumps(v2(tenant, f"h{i}", 1)).encode()) for i in range(20)]
-    kafka.produce(f"{prefix}.source.kafka", records[:1])  # the sink is open and warm before the freeze
-    eventually(lambda: _assert_count(sinks.search_documents([tenant]), 1), timeout_s=60,
-               context=worker.log_tail)
+    kafka.produce(f"{prefix}.source.kafka", records[:1])  # every sink is open and warm before the freeze
+    for read in (sinks.search_documents, sinks.postgres, sinks.graph_nodes):
+        eventually(lambda read=read: _assert_count(read([tenant]), 1), timeout_s=60, context=worker.log_tail)
     with stack.server_paused("typesense"):
         positions = kafka.produce(f"{prefix}.source.kafka", records[1:])
         expected = Counter((f"{prefix}.source.kafka", p, o, "SINK_TIMEOUT", "sink.typesense")
@@ -258,6 +260,7 @@ def test_kill_loop_sigkill_at_random_moments_loses_nothing_and_writes_nothing_ol
     worker: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT), INGEST_STALL_TIMEOUT_S="20",
                                         INGEST_STALL_CHECK_INTERVAL_S="2")
     worker.start()
+    worker.supervise()  # a stall exit (70) is restarted like an orchestrator would; the kills are ours
     positions = produce(kafka, prefix, data)
 
     rng = random.Random(int(prefix[1:], 16))  # the seed is in the test's prefix: a failure can be replayed
@@ -272,7 +275,6 @@ def test_kill_loop_sigkill_at_random_moments_loses_nothing_and_writes_nothing_ol
         kills_mid_stream += sum(kafka.lag(f"it-{prefix}", consumed_topics(prefix)).values()) > 0
         worker.start()
     assert kills_mid_stream >= 2, "the run ended before the kills: the test proves little"
-    worker.supervise()  # from here on, a stall exit (70) is restarted like an orchestrator would
 
     expected_dlq = {(source, *positions[i], reason, stage) for i, reason, stage in data.dlq}
 

@@ -59,6 +59,9 @@ def test_triage_summary_analyze_export_purge_and_redrive_after_a_fix(
         kafka.produce(source, refused, headers=[PRODUCER_HEADER])
         eventually(lambda: _assert_reason(kafka, prefix, "CONSTRAINT_VIOLATION", 4), timeout_s=120,
                    context=worker.log_tail)
+        # Typesense takes the refused tenant before it goes down: its only failures are Postgres's.
+        eventually(lambda: assert_equal(len(sinks.search_documents([refused_tenant])), 4), timeout_s=60,
+                   context=worker.log_tail)
         with stack.server_down("typesense"):  # connection errors / open circuit, for Typesense
             down_tenant = f"{prefix}-down"
             kafka.produce(source, [(f"{down_tenant}:d{i}".encode(),
