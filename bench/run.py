@@ -1,7 +1,9 @@
 """`python -m bench.run [--records N] [--sinks ...] [--two-workers] [--latency-seconds S] [--soak-seconds S]`.
 
 Stages on one embedded broker, one after another, each on a prefilled topic of N synthetic records
-(~320 bytes, one revision per entity): (a) the raw aiokafka pipeline (bench/raw.py), (b) a bare
+(~320 bytes, one revision per entity): (a) the raw aiokafka pipeline (bench/raw.py), (a') the same
+raw code in the contract's shape (fanned out to one sink topic per sink and a dedupe log, the sink
+topics read back and validated; no sink written), (b) a bare
 Faust pass-through (bench/faust_pass.py), (c) ingest_stream end to end (source topic → validate →
 dedupe → sink topics → sinks committed), optionally (c2) the same with two worker processes.
 Timing starts when a stage is consuming (Faust: "Worker ready") and ends when its consumer group
@@ -359,13 +361,22 @@ def main() -> int:
         settings = Settings.from_env({**stack.settings_env(), "INGEST_SINKS": args.sinks})
         stages: dict[str, dict[str, Any]] = {}
 
-        create_topics(bootstrap, ["bench.raw.in", "bench.raw.out"])
-        asyncio.run(produce(settings, values, topic="bench.raw.in", progress_every=10**9))
-        raw = subprocess.run([sys.executable, "-m", "bench.raw", "--bootstrap", bootstrap, "--source",
-                              "bench.raw.in", "--target", "bench.raw.out", "--records", str(n)],
-                             capture_output=True, text=True, cwd=ROOT, check=True, timeout=1800)
-        stages["a_raw"] = summarize("raw aiokafka pipeline", n, json.loads(raw.stdout.splitlines()[-1]))
-        print(stages["a_raw"], file=sys.stderr)
+        def raw_stage(name: str, prefix: str, sink_topics: list[str]) -> dict[str, Any]:
+            source, target = f"{prefix}.in", f"{prefix}.out"
+            create_topics(bootstrap, [source, target, *sink_topics])
+            asyncio.run(produce(settings, values, topic=source, progress_every=10**9))
+            raw = subprocess.run([sys.executable, "-m", "bench.raw", "--bootstrap", bootstrap, "--source",
+                                  source, "--target", target, "--records", str(n),
+                                  "--sink-topics", ",".join(sink_topics)],
+                                 capture_output=True, text=True, cwd=ROOT, check=True, timeout=1800)
+            stage = summarize(name, n, json.loads(raw.stdout.splitlines()[-1]))
+            print(stage, file=sys.stderr)
+            return stage
+
+        stages["a_raw"] = raw_stage("raw aiokafka pipeline", "bench.raw", [])
+        # (a') the same code with the contract's fan-out: one sink topic per sink of (c), read back
+        stages["a2_raw_fanout"] = raw_stage("raw aiokafka, fan-out", "bench.fan",
+                                            [f"bench.fan.sink.{s}" for s in args.sinks.split(",")])
 
         create_topics(bootstrap, ["bench.faust.in", "bench.faust.out"])
         asyncio.run(produce(settings, values, topic="bench.faust.in", progress_every=10**9))
@@ -395,13 +406,15 @@ def main() -> int:
             soak = paced_stage(rate, lambda: ingest.soak("benchsoak", rate, args.soak_seconds))
             print(soak, file=sys.stderr)
 
-    a, b, c = (stages[k]["records_per_s"] for k in ("a_raw", "b_faust", "c_ingest_stream"))
+    a, a2, b, c = (stages[k]["records_per_s"]
+                   for k in ("a_raw", "a2_raw_fanout", "b_faust", "c_ingest_stream"))
     result = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"), "records": n,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "sinks": args.sinks, "stages": stages,
         "ratio_vs_raw": round(c / a, 3), "ratio_vs_faust": round(c / b, 3),
+        "ratio_vs_raw_fanout": round(c / a2, 3),
         "latency": latency,
         "soak": soak,
     }
@@ -415,7 +428,8 @@ def main() -> int:
     for stage in stages.values():
         print(f"{stage['stage']:<28} {stage['records_per_s']:>10} {stage['cpu_us_per_record']:>11} "
               f"{stage['peak_rss_mib']:>13} {stage['machine_busy_cores']:>7} of {os.cpu_count()}")
-    print(f"c/a = {result['ratio_vs_raw']}, c/b = {result['ratio_vs_faust']}  ({path})")
+    print(f"c/a = {result['ratio_vs_raw']}, c/b = {result['ratio_vs_faust']}, "
+          f"c/a' = {result['ratio_vs_raw_fanout']}  ({path})")
     if "two_workers_speedup" in result:
         print(f"2 workers / 1 worker = {result['two_workers_speedup']}")
     for name, paced in (("latency", latency), ("soak", soak)):
