@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import resource
-
 CLOCK_TICKS = 100.0  # os.sysconf("SC_CLK_TCK") on Linux: the unit of /proc's CPU times
-
-
-def process_figures() -> dict[str, float]:
-    """Peak resident memory of this process, in MiB."""
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def machine_busy_seconds() -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import sys
 import time
 
@@ -19,7 +20,7 @@ import fastjsonschema
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from bench.common import machine_busy_seconds, process_figures
+from bench.common import machine_busy_seconds, proc_figures
 from ingest_stream.config import Settings
 
 
@@ -72,7 +73,8 @@ async def run(bootstrap: str, source: str, target: str, expected: int,
         await producer.stop()
         await consumer.stop()
     return {"records": expected, "seconds": elapsed, "cpu_seconds": cpu, "machine_busy_seconds": machine,
-            **process_figures()}
+            # VmHWM: getrusage's ru_maxrss would include the parent's peak (inherited over fork)
+            "peak_rss_mib": proc_figures(os.getpid())["peak_rss_mib"]}
 
 
 def main() -> None:
@@ -84,7 +86,7 @@ def main() -> None:
     parser.add_argument("--sink-topics", default="",
                         help="comma-separated: fan each record out to these and read them back (a')")
     args = parser.parse_args()
-    sink_topics = [t for t in args.sink_topics.split(",") if t]
+    sink_topics = list(dict.fromkeys(t for t in args.sink_topics.split(",") if t))
     result = asyncio.run(run(args.bootstrap, args.source, args.target, args.records, sink_topics))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 

@@ -49,11 +49,13 @@ class DeadLetter:
     @property
     def failure(self) -> tuple[object, ...]:
         """What failed where: equal for the copies a crash-and-redeliver publishes twice, different
-        for the same record failing again after a redrive (its redrive count differs). The failed
-        offset is left out: a worker killed before committing its fan-out sends the record to the
-        sink topic again, at a new offset, and the copy fails there the same way."""
+        for the same record failing again after a redrive (its redrive count and id differ; a
+        letter redriven twice has the same count, not the same id). The failed offset is left
+        out: a worker killed before committing its fan-out sends the record to the sink topic
+        again, at a new offset, with the same headers, and the copy fails there the same way."""
         e = self.envelope
-        return (e.origin.topic, e.origin.partition, e.origin.offset, e.stage.value, self.redrives)
+        return (e.origin.topic, e.origin.partition, e.origin.offset, e.stage.value, self.redrives,
+                header_value(self.headers, REDRIVE_ID_HEADER))
 
     @property
     def redrives(self) -> int:

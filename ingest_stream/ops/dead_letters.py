@@ -66,8 +66,9 @@ class DeadLetterStore:
                               if r.key is not None])
 
     async def letters(self) -> AsyncIterator[DeadLetter]:
-        """Each failure once: a worker killed after publishing a dead letter but before committing
-        publishes it again on redelivery; the later copies are counted in `repeats`, not shown."""
+        """Each failure once (`DeadLetter.failure`): a worker killed after publishing a dead letter,
+        or after its fan-out, but before committing publishes it again on redelivery; the later
+        copies are counted in `repeats`, not shown (nor selected: the first copy stands for all)."""
         self.unreadable = self.repeats = 0
         seen: set[tuple[object, ...]] = set()
         async for record in scan(self.bootstrap, self.topic):

@@ -96,7 +96,11 @@ class WorkerProcess:
                         self.exits.append(self.process.returncode)
                         if self.process.returncode not in restart_on:
                             return
-                        self.start()
+                        try:
+                            self.start()
+                        except AssertionError:  # not healthy: the test sees it (exits, progress)
+                            self.exits.append(-1)
+                            return
                 time.sleep(0.5)  # a supervisor's polling interval
 
         self._supervisor = threading.Thread(target=watch, daemon=True)
@@ -137,14 +141,15 @@ class WorkerProcess:
 
     def stop(self) -> int | None:
         self._stopping = True
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(10)
+        with self._lifecycle:  # after a restart the supervisor has under way
+            if self.process is None or self.process.poll() is not None:
+                return self.process.returncode if self.process else None
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                return self.process.wait(10)
 
     @property
     def alive(self) -> bool:

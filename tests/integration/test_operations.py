@@ -195,7 +195,7 @@ def test_metrics_scrape_passes_promtool(make_worker, kafka: Kafka, prefix: str) 
     kafka.produce(f"{prefix}.source.kafka", [*records(f"{prefix}-m", 5), (b"x", b"not json")])
     eventually(lambda: _assert_metric_present(worker, "ingest_consumer_lag_seconds"), timeout_s=30)
     eventually(lambda: _assert_metric_present(worker, "ingest_dlq_total{"), timeout_s=30)
-    # Counted once the batch's dedupe keys are in the store (the bad record may come in an earlier batch).
+    # Counted after the batch's dedupe keys were written to the store (the bad record may come alone).
     eventually(lambda: assert_equal(worker.metric("ingest_records_total", outcome="forwarded"), 5.0),
                timeout_s=30)
     scrape = worker.metrics()

@@ -102,9 +102,15 @@ def test_a_republished_copy_is_the_same_failure_and_a_failure_after_a_redrive_is
     copy = letter(offset=8)  # the same headers, published again after a restart
     # The fan-out re-sent after a restart: the sink topic holds the record twice, both fail.
     refanned = letter(offset=9, failed_offset=91)
-    after_redrive = letter(offset=10, extra=[("ingest.redrive", b"1")])
+    after_redrive = letter(offset=10, extra=[("ingest.redrive", b"1"), ("ingest.redrive.id", b"r1")])
+    refanned_after_redrive = letter(offset=11, failed_offset=92,
+                                    extra=[("ingest.redrive", b"1"), ("ingest.redrive.id", b"r1")])
+    # The same letter redriven again (another run): the same count, another id, a new failure.
+    redriven_again = letter(offset=12, extra=[("ingest.redrive", b"1"), ("ingest.redrive.id", b"r2")])
     assert first.failure == copy.failure == refanned.failure
     assert after_redrive.failure != first.failure
+    assert after_redrive.failure == refanned_after_redrive.failure
+    assert redriven_again.failure != after_redrive.failure
 
 
 def test_summary_counts_every_reason_by_tenant_and_stage():
