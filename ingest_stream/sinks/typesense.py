@@ -171,12 +171,15 @@ class TypesenseSink:
         if live:
             await self._import(COLLECTION, live)
         if deleted:
-            # Remember the tombstone's revision first: a crash in between redoes both steps.
-            await self._import(TOMBSTONES, [{"id": document_id(w.key), "tenant": w.record["tenant"],
-                                             "revision": w.revision, **_origin(w)} for w in deleted])
+            # Delete first, then remember the tombstone's revision. The other way round, a crash in
+            # between left the document in search for good: redelivered, the tombstone's revision
+            # was already held, an equal revision, skipped. This way it is not held until the
+            # document is gone, and a redelivered tombstone does both steps again.
             ids = ",".join(f"`{document_id(w.key)}`" for w in deleted)
             await self._client.collections[COLLECTION].documents.delete(
                 {"filter_by": f"id:[{ids}]"})
+            await self._import(TOMBSTONES, [{"id": document_id(w.key), "tenant": w.record["tenant"],
+                                             "revision": w.revision, **_origin(w)} for w in deleted])
 
     async def _import(self, collection: str, documents: list[dict[str, Any]]) -> None:
         # JSONL made here with orjson: the client would json.dumps each document (and json.loads
