@@ -11,11 +11,13 @@ import asyncio
 import httpx
 import pytest
 
+from ingest_stream.core.backoff import BackoffPolicy
 from ingest_stream.core.record import with_defaults
-from ingest_stream.core.revision import RevisionDecision, Version, decide
 from ingest_stream.errors import SinkError
+from ingest_stream.metrics import Metrics
 from ingest_stream.ops.devstack import DevStack
 from ingest_stream.sinks.base import Write
+from ingest_stream.sinks.guarded import BatchOutcome, GuardedSink
 from ingest_stream.sinks.typesense import TypesenseSink
 from tests.dataset import v2
 from tests.integration.harness import SinkReader
@@ -57,7 +59,7 @@ def test_a_tombstone_cut_between_its_requests_is_completed_when_redelivered(
     tenant = f"{prefix}-cut{requests_before_the_kill}"
     live, tombstone = _write(tenant, 1), _write(tenant, 2, deleted=True)
 
-    async def scenario() -> RevisionDecision:
+    async def scenario() -> BatchOutcome:
         killed = KilledMidWrite()
         first = _sink(stack, killed)
         await first.open()
@@ -70,19 +72,16 @@ def test_a_tombstone_cut_between_its_requests_is_completed_when_redelivered(
             await first.close()
         # The restarted worker: the tombstone is redelivered and goes through the guard again.
         second = _sink(stack)
-        await second.open()
+        guarded = GuardedSink(second, metrics=Metrics(), backoff=BackoffPolicy(), failure_policy="hold",
+                              timeout_s=10)
         try:
-            held = (await second.current_revisions([tombstone.key])).get(tombstone.key)
-            decision = decide(held, Version(tombstone.revision, tombstone.origin_tp, tombstone.origin_offset),
-                              may_rewrite_equal=False)
-            if decision is RevisionDecision.APPLY:
-                await second.write([tombstone])
+            outcome = await guarded.apply([tombstone])
             # ... and an older revision arriving later stays out.
             held = (await second.current_revisions([live.key])).get(live.key)
             assert held is not None and held.revision == 2
         finally:
             await second.close()
-        return decision
+        return outcome
 
-    assert asyncio.run(scenario()) is RevisionDecision.APPLY
+    assert asyncio.run(scenario()).applied == [tombstone]  # not skipped as already held
     assert sinks.search_documents([tenant]) == {}  # gone from search
