@@ -21,6 +21,11 @@ ORIGIN_PREFIX = "ingest.origin."
 REDRIVE_HEADER = "ingest.redrive"
 REPLAY_HEADER = "ingest.replay"
 ERROR_LIMIT_BYTES = 1024
+# Set only on a letter whose original value did not fit (contract §4): the value is then a prefix,
+# and the whole record stays at the letter's `dlq.origin.*` position.
+VALUE_TRUNCATED_HEADER = "dlq.value_truncated"  # "true"
+VALUE_BYTES_HEADER = "dlq.value_bytes"  # the original value's length
+VALUE_SHA256_HEADER = "dlq.value_sha256"  # hex SHA-256 of the original value
 
 
 @dataclass(frozen=True, slots=True)
