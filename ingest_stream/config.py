@@ -20,6 +20,7 @@ KNOWN_SINKS = ("postgres", "neo4j", "typesense")
 SOURCES = ("kafka", "webhook", "s3", "sftp")
 FAILURE_POLICIES = ("hold", "dlq")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MESSAGE_ENVELOPE_BYTES = 64 * 1024  # headers and key beside a record's value (core/dlq.py caps them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +151,12 @@ class Settings:
             throttle_lag_records=self.throttle_lag_records, brownout_lag_records=self.brownout_lag_records,
             exit_ratio=self.backpressure_exit_ratio, cool_down_s=self.backpressure_cool_down_s,
             brownout_rate=self.brownout_rate)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest record this app produces: a record of the size limit and its headers (a
+        dead letter's, capped in core/dlq.py). The producer and every topic it declares allow it."""
+        return self.max_record_bytes + MESSAGE_ENVELOPE_BYTES
 
     # --- topic names (contract §3) ---------------------------------------------------------
     def source_topic(self, source: str) -> str:

@@ -19,11 +19,13 @@ class ConfigError(IngestError):
 class SinkError(IngestError):
     """A sink operation failed; `reason` is the DLQ code it maps to."""
 
-    def __init__(self, sink: str, reason: Reason, message: str, *, retry_after_s: float | None = None):
+    def __init__(self, sink: str, reason: Reason, message: str, *, retry_after_s: float | None = None,
+                 unexpected: str | None = None):
         super().__init__(f"{sink}: {reason.value}: {message}")
         self.sink = sink
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.unexpected = unexpected  # the exception type no rule knew (a bug to report), if so
 
     @property
     def retryable(self) -> bool:

@@ -17,18 +17,19 @@ OTHER_TENANTS = "other"
 
 class TenantLabel:
     """A tenant as a label value, bounded: past `limit` distinct tenants, new ones count as
-    "other", so a flood of tenants cannot blow up the series count."""
+    "other", so a flood of tenants cannot blow up the series count. Only tenants of valid records
+    earn a label: a rejected record's tenant is whatever its producer wrote."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._known: set[str] = set()
 
-    def __call__(self, tenant: str | None) -> str:
+    def __call__(self, tenant: str | None, *, valid: bool = True) -> str:
         if tenant is None:
             return OTHER_TENANTS
         if tenant in self._known:
             return tenant
-        if len(self._known) < self._limit:
+        if valid and len(self._known) < self._limit:
             self._known.add(tenant)
             return tenant
         return OTHER_TENANTS
@@ -102,6 +103,10 @@ class Metrics:
         self.rocksdb_memtables = Gauge(
             "ingest_rocksdb_memtable_bytes", "RocksDB memtables of every table partition open here.",
             registry=r)
+        self.unexpected_errors = Counter(
+            "ingest_unexpected_errors_total",
+            "Records dead-lettered by an exception no rule expected: a bug to report, by stage and type.",
+            ["stage", "error_type"], registry=r)
         self.tenant_dlq = Counter(
             "ingest_tenant_dlq_total", "Dead letters per tenant (bounded), by reason.",
             ["tenant", "reason"], registry=r)

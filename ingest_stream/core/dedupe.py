@@ -11,14 +11,12 @@ import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ingest_stream.core.record import Record, encode
-
 DEFAULT_TTL_MS = 7 * 24 * 3600 * 1000
 
 
-def dedupe_key(record: Record) -> str:
-    """SHA-256 of the record's canonical JSON (current version, defaults filled)."""
-    return hashlib.sha256(encode(record)).hexdigest()
+def dedupe_key(encoded: bytes) -> str:
+    """SHA-256 of the record's canonical JSON (`record.encode`: current version, defaults filled)."""
+    return hashlib.sha256(encoded).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

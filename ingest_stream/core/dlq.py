@@ -7,7 +7,9 @@ points at its source record.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import hashlib
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,6 +28,17 @@ ERROR_LIMIT_BYTES = 1024
 VALUE_TRUNCATED_HEADER = "dlq.value_truncated"  # "true"
 VALUE_BYTES_HEADER = "dlq.value_bytes"  # the original value's length
 VALUE_SHA256_HEADER = "dlq.value_sha256"  # hex SHA-256 of the original value
+HEADERS_DROPPED_HEADER = "dlq.headers_dropped"  # original headers left out (past the caps below)
+# A dead letter must fit whatever the record carried: the original headers copied are capped, and
+# so is the key; the value is cut to a prefix when the whole would not fit (`fit_letter`).
+ORIGINAL_HEADERS_LIMIT_BYTES = 32 * 1024
+ORIGINAL_HEADERS_LIMIT_COUNT = 64
+KEY_LIMIT_BYTES = 4096
+RECORD_OVERHEAD_BYTES = 128  # a record's own framing in a batch, with room to spare
+HEADER_OVERHEAD_BYTES = 10  # the varints of one header
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}\Z")
+_MAX_INT64 = 2**63 - 1
+_MAX_INT32 = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,18 +63,51 @@ def origin_headers(position: Position) -> list[tuple[str, bytes]]:
     return headers
 
 
-def read_origin(headers: Headers) -> Position | None:
-    found = {k.removeprefix(ORIGIN_PREFIX): v.decode() for k, v in headers if k.startswith(ORIGIN_PREFIX)}
+def read_origin(headers: Headers, *, topics: Collection[str] | None = None) -> Position | None:
+    """The `ingest.origin.*` position, or None unless it is well-formed (a topic name, a partition
+    and offsets in Kafka's ranges) and, given `topics`, names one of them. Anything can arrive in
+    headers: a producer's forgery must not steer dead letters or redrives to other topics."""
+    found: dict[str, str] = {}
+    for key, value in headers:
+        if key.startswith(ORIGIN_PREFIX):
+            try:
+                found[key.removeprefix(ORIGIN_PREFIX)] = value.decode("ascii")
+            except (UnicodeDecodeError, AttributeError):
+                return None
     try:
+        topic = found["topic"]
+        partition = _bounded_int(found["partition"], _MAX_INT32)
+        offset = _bounded_int(found["offset"], _MAX_INT64)
         timestamp = found.get("timestamp")
-        return Position(
-            found["topic"],
-            int(found["partition"]),
-            int(found["offset"]),
-            int(timestamp) if timestamp is not None else None,
-        )
+        timestamp_ms = _bounded_int(timestamp, _MAX_INT64) if timestamp is not None else None
     except (KeyError, ValueError):
         return None
+    if not _TOPIC_NAME.match(topic) or (topics is not None and topic not in topics):
+        return None
+    return Position(topic, partition, offset, timestamp_ms)
+
+
+def trusted_origin(headers: Headers, here: Position, source_topics: Collection[str]) -> Position:
+    """Where a record now `here` entered the pipeline. A record in a source topic entered here,
+    unless the pipeline itself re-sent it (redrive, replay) with a well-formed origin in one of its
+    source topics; in a sink topic the origin header is read the same way. A producer's own
+    `ingest.origin.*` headers are never trusted."""
+    if here.topic in source_topics and not reprocessed(headers):
+        return here
+    return read_origin(headers, topics=source_topics) or here
+
+
+def without_origin(headers: Headers) -> list[tuple[str, bytes]]:
+    return [(k, v) for k, v in headers if not k.startswith(ORIGIN_PREFIX)]
+
+
+def _bounded_int(text: str, maximum: int) -> int:
+    if not text.isdigit() or len(text) > 19:
+        raise ValueError(text)
+    number = int(text)
+    if number > maximum:
+        raise ValueError(text)
+    return number
 
 
 def reprocessed(headers: Headers) -> bool:
@@ -70,16 +116,16 @@ def reprocessed(headers: Headers) -> bool:
 
 
 def header_value(headers: Headers, name: str) -> str | None:
-    """The last value of a header, decoded, or None."""
+    """The last value of a header, decoded (invalid UTF-8 replaced), or None."""
     value = None
     for key, raw in headers:
         if key == name:
             value = raw
-    return value.decode("utf-8", "replace") if value is not None else None
+    return bytes(value).decode("utf-8", "replace") if value is not None else None
 
 
 def _truncate_utf8(text: str, limit: int) -> bytes:
-    encoded = text.encode()
+    encoded = text.encode("utf-8", "replace")
     if len(encoded) <= limit:
         return encoded
     return encoded[: limit - 3].decode("utf-8", "ignore").encode() + b"..."
@@ -97,8 +143,9 @@ def failure_headers(
     failed_at: datetime,
     identity: Mapping[str, str],
 ) -> list[tuple[str, bytes]]:
-    """The original headers (minus any earlier `dlq.*` ones) plus this failure's `dlq.*` headers."""
-    headers = [(k, v) for k, v in original if not k.startswith(DLQ_PREFIX)]
+    """The original headers (minus any earlier `dlq.*` ones, within the caps) plus this failure's
+    `dlq.*` headers."""
+    headers, dropped = _capped([(k, v) for k, v in original if not k.startswith(DLQ_PREFIX)])
     added = {
         "reason": reason.value,
         "retryable": "true" if reason.retryable else "false",
@@ -120,9 +167,50 @@ def failure_headers(
     for field_name, header in (("tenant", "tenant"), ("source", "source"), ("id", "record_id")):
         if field_name in identity:
             added[header] = identity[field_name]
-    headers.extend((f"{DLQ_PREFIX}{k}", v.encode()) for k, v in added.items())
+    if dropped:
+        added[HEADERS_DROPPED_HEADER.removeprefix(DLQ_PREFIX)] = str(dropped)
+    headers.extend((f"{DLQ_PREFIX}{k}", _truncate_utf8(v, ERROR_LIMIT_BYTES)) for k, v in added.items())
     headers.append((f"{DLQ_PREFIX}error", _truncate_utf8(error, ERROR_LIMIT_BYTES)))
     return headers
+
+
+def _capped(headers: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], int]:
+    """The first headers within ORIGINAL_HEADERS_LIMIT_*; and how many were left out."""
+    kept: list[tuple[str, bytes]] = []
+    size = 0
+    for key, value in headers:
+        size += headers_size([(key, value)])
+        if size > ORIGINAL_HEADERS_LIMIT_BYTES or len(kept) >= ORIGINAL_HEADERS_LIMIT_COUNT:
+            return kept, len(headers) - len(kept)
+        kept.append((key, value))
+    return kept, 0
+
+
+def headers_size(headers: Headers) -> int:
+    """Bytes the headers take in a Kafka record (names as UTF-8, with their framing)."""
+    return sum(len(k.encode("utf-8", "surrogateescape")) + len(v) + HEADER_OVERHEAD_BYTES
+               for k, v in headers)
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """An upper bound of a record's size in a batch: what the producer and broker limits see."""
+    return len(key or b"") + len(value or b"") + headers_size(headers) + RECORD_OVERHEAD_BYTES
+
+
+def fit_letter(
+    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]], *, limit: int
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """A dead letter within `limit` bytes (contract §4): the key cut to KEY_LIMIT_BYTES, and a
+    value too large replaced by its prefix, flagged with the original's length and SHA-256 (the
+    whole record stays at the letter's `dlq.origin.*` position)."""
+    if key is not None and len(key) > KEY_LIMIT_BYTES:
+        key = key[:KEY_LIMIT_BYTES]
+    if value is None or record_size(key, value, headers) <= limit:
+        return key, value, headers
+    headers = [*headers, (VALUE_TRUNCATED_HEADER, b"true"), (VALUE_BYTES_HEADER, str(len(value)).encode()),
+               (VALUE_SHA256_HEADER, hashlib.sha256(value).hexdigest().encode())]
+    room = max(0, limit - record_size(key, b"", headers))
+    return key, value[:room], headers
 
 
 @dataclass(frozen=True, slots=True)

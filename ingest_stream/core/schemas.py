@@ -6,23 +6,35 @@ the same schema file only answers "valid?" on the happy path (about 25x faster).
 
 SCHEMA_DRIFT means the shape is wrong (not JSON, not an object, unknown version, a required field
 missing, an unexpected field, a wrong JSON type); VALIDATION_FAIL means a value is wrong (pattern,
-enum, range, format, length, record size).
+enum, range, format, length, record size, nesting depth).
+
+`check` never raises: whatever the bytes, the answer is a record or a classified rejection. The
+schema is read as JSON Schema means it, not as Python's `re` and draft 7's number rules would:
+`integer` is a JSON integer (`1.0` is not one: a float revision would be stored as a float by the
+graph and compare wrongly for good), and a pattern's `$` is the end of the string (ECMA 262), not
+"before a final newline" (`"acme\n"` would be a new tenant). An accepted record is re-encoded here
+once (canonical bytes, for the dedupe key and the sinks), and must re-encode within the size limit.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial, update_wrapper
 from pathlib import Path
 from typing import Any
 
-import fastjsonschema
 import orjson
-from jsonschema import Draft7Validator, FormatChecker, ValidationError
+from fastjsonschema import JsonSchemaException
+from fastjsonschema.draft04 import CodeGeneratorDraft04
+from fastjsonschema.draft07 import CodeGeneratorDraft07
+from fastjsonschema.ref_resolver import RefResolver
+from jsonschema import Draft7Validator, FormatChecker, ValidationError, validators
 
 from ingest_stream.core.reasons import Reason, Stage
-from ingest_stream.core.record import Record, with_defaults
+from ingest_stream.core.record import Record, encode, with_defaults
 from ingest_stream.core.timefmt import is_rfc3339
 from ingest_stream.core.transformers import UPCASTERS, Upcaster
 
@@ -31,12 +43,16 @@ SCHEMA_VERSION_KEY = "x-schema-version"
 # Keywords whose failure means the record has the wrong shape; every other keyword judges a value.
 _SHAPE_KEYWORDS = frozenset({"type", "required", "additionalProperties", "const"})
 _MESSAGE_LIMIT = 300
+# orjson encodes at most 254 levels (and every sink stores attributes as JSON): deeper is rejected.
+MAX_NESTING_DEPTH = 254
+_ECMA_END = re.compile(r"(?<!\\)\$")  # an unescaped `$`
 
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
     record: Record
     version: int  # the version the producer wrote, before upcasting
+    encoded: bytes = b""  # the record's canonical bytes (`record.encode`), what the sinks receive
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +61,7 @@ class Rejected:
     stage: Stage
     error: str
     identity: Mapping[str, str] = field(default_factory=dict)  # tenant / source / id when readable
+    unexpected: str | None = None  # the exception type, when a bug (not the record) was the cause
 
 
 Verdict = Accepted | Rejected
@@ -58,10 +75,44 @@ def load_schemas(directory: Path) -> dict[int, dict[str, Any]]:
         version = schema.get(SCHEMA_VERSION_KEY)
         if not isinstance(version, int) or version in schemas:
             raise ValueError(f"{path}: missing or duplicate {SCHEMA_VERSION_KEY!r}")
-        schemas[version] = schema
+        schemas[version] = _python_patterns(schema)
     if not schemas:
         raise ValueError(f"no input*.schema.json in {directory}")
     return schemas
+
+
+def _python_patterns(schema: Any) -> Any:
+    """The schema with each `pattern` in Python's spelling of ECMA 262: `$` becomes `\\Z`."""
+    if isinstance(schema, list):
+        return [_python_patterns(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {key: _ECMA_END.sub(r"\\Z", value) if key == "pattern" and isinstance(value, str)
+            else _python_patterns(value) for key, value in schema.items()}
+
+
+def _is_json_integer(_checker: Any, instance: object) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_StrictDraft7 = validators.extend(  # type: ignore[no-untyped-call]
+    Draft7Validator, type_checker=Draft7Validator.TYPE_CHECKER.redefine("integer", _is_json_integer))
+
+
+class _StrictIntegerCode(CodeGeneratorDraft07):
+    """fastjsonschema's draft 7 code with draft 4's `type` rule: `integer` is an int, not `1.0`."""
+
+    generate_type = CodeGeneratorDraft04.generate_type
+
+
+def _compile_fast(schema: dict[str, Any], formats: dict[str, Callable[[Any], bool]]) -> Callable[[Any], Any]:
+    """`fastjsonschema.compile`, with `_StrictIntegerCode` as the code generator."""
+    resolver = RefResolver.from_schema(schema, handlers={}, store={})
+    code = _StrictIntegerCode(schema, resolver=resolver, formats=formats)  # type: ignore[no-untyped-call]
+    scope = code.global_state
+    exec(code.func_code, scope)  # what fastjsonschema.compile does with the generated code
+    func = scope[resolver.get_scope_name()]
+    return update_wrapper(partial(func, custom_formats=formats), func)
 
 
 class _VersionValidator:
@@ -70,15 +121,13 @@ class _VersionValidator:
     def __init__(self, schema: dict[str, Any]) -> None:
         checker = FormatChecker(formats=())
         checker.checks("date-time")(is_rfc3339)
-        self.reference = Draft7Validator(schema, format_checker=checker)
-        self.fast: Callable[[Any], Any] = fastjsonschema.compile(
-            schema, formats={"date-time": is_rfc3339}
-        )
+        self.reference = _StrictDraft7(schema, format_checker=checker)
+        self.fast = _compile_fast(schema, {"date-time": is_rfc3339})
 
     def fast_valid(self, document: Any) -> bool:
         try:
             self.fast(document)
-        except fastjsonschema.JsonSchemaException:
+        except JsonSchemaException:
             return False
         return True
 
@@ -109,6 +158,17 @@ class RecordValidator:
         return cls(load_schemas(directory), max_record_bytes=max_record_bytes)
 
     def check(self, raw: bytes) -> Verdict:
+        """Never raises: an exception no rule expects is the record's rejection, flagged
+        `unexpected` (the wiring counts and logs it: it is a bug to fix, not the record's fault)."""
+        try:
+            return self._check(raw)
+        except RecursionError:
+            return self._too_deep({})
+        except Exception as exc:
+            error = f"$: unexpected {type(exc).__name__} while validating: {_short(str(exc))}"
+            return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error, unexpected=type(exc).__name__)
+
+    def _check(self, raw: bytes) -> Verdict:
         oversize = len(raw) > self.max_record_bytes
         try:
             document = orjson.loads(raw)
@@ -117,16 +177,16 @@ class RecordValidator:
                 return self._too_large(raw, {})
             return Rejected(Reason.SCHEMA_DRIFT, Stage.DECODE, f"$: not JSON: {exc}")
         if oversize:
-            return self._too_large(raw, _identity(document))
+            return self._too_large(raw, identity_of(document))
         if not isinstance(document, dict):
             error = f"$: expected a JSON object, got {type(document).__name__}"
-            return Rejected(Reason.SCHEMA_DRIFT, Stage.VALIDATE, error, _identity(document))
+            return Rejected(Reason.SCHEMA_DRIFT, Stage.VALIDATE, error, identity_of(document))
         version = document.get("schema_version", LEGACY_VERSION)
         validator = self._versions.get(version) if type(version) is int else None
         if validator is None:
             error = f"$.schema_version: unknown schema version {version!r}"
-            return Rejected(Reason.SCHEMA_DRIFT, Stage.VALIDATE, error, _identity(document))
-        rejection = self._validate(validator, document, Stage.VALIDATE, identity_of=document)
+            return Rejected(Reason.SCHEMA_DRIFT, Stage.VALIDATE, error, identity_of(document))
+        rejection = self._validate(validator, document, Stage.VALIDATE, named_by=document)
         if rejection is not None:
             return rejection
         if version != self.current_version:
@@ -134,10 +194,25 @@ class RecordValidator:
             if isinstance(upcast, Rejected):
                 return upcast
             document = upcast
-        return Accepted(with_defaults(document), version)
+        record = with_defaults(document)
+        try:
+            encoded = encode(record)
+        except orjson.JSONEncodeError:  # deeper than orjson (and the sinks' JSON) can hold
+            return self._too_deep(identity_of(document))
+        if len(encoded) > self.max_record_bytes:  # `1e5` re-encodes as `100000.0`; defaults add bytes
+            return self._too_large(encoded, identity_of(document), what="re-encoded for the sinks, ")
+        if b"\\u0000" in encoded and _holds_nul(record):  # orjson writes U+0000 as \u0000
+            error = "$: a string holds U+0000, which Postgres text and jsonb cannot store"
+            return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error, identity_of(document))
+        return Accepted(record, version, encoded)
 
-    def _too_large(self, raw: bytes, identity: Mapping[str, str]) -> Rejected:
-        error = f"$: record is {len(raw)} bytes; the limit is {self.max_record_bytes}"
+    def _too_large(self, raw: bytes, identity: Mapping[str, str], what: str = "") -> Rejected:
+        error = f"$: record is {what}{len(raw)} bytes; the limit is {self.max_record_bytes}"
+        return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error, identity)
+
+    @staticmethod
+    def _too_deep(identity: Mapping[str, str]) -> Rejected:
+        error = f"$: nested deeper than {MAX_NESTING_DEPTH} levels"
         return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error, identity)
 
     def _upcast(self, original: dict[str, Any], version: int) -> dict[str, Any] | Rejected:
@@ -147,10 +222,10 @@ class RecordValidator:
                 document = self._upcasters[step](document)
         except (KeyError, TypeError, ValueError) as exc:
             error = f"$: upcast from version {version} failed: {exc!r}"
-            return Rejected(Reason.SCHEMA_DRIFT, Stage.TRANSFORM, error, _identity(original))
+            return Rejected(Reason.SCHEMA_DRIFT, Stage.TRANSFORM, error, identity_of(original))
         # The transformer's output must itself be a valid current record.
         current = self._versions[self.current_version]
-        return self._validate(current, document, Stage.TRANSFORM, identity_of=original) or document
+        return self._validate(current, document, Stage.TRANSFORM, named_by=original) or document
 
     @staticmethod
     def _validate(
@@ -158,22 +233,57 @@ class RecordValidator:
         document: dict[str, Any],
         stage: Stage,
         *,
-        identity_of: dict[str, Any],
+        named_by: dict[str, Any],
     ) -> Rejected | None:
-        """None when valid. The rejection names the record by `identity_of` (as it arrived), worked
+        """None when valid. The rejection names the record by `named_by` (as it arrived), worked
         out only when rejecting: most records pass."""
         if validator.fast_valid(document):
             return None
+        if nesting_depth_exceeds(document, MAX_NESTING_DEPTH):  # jsonschema's messages recurse
+            return RecordValidator._too_deep(identity_of(named_by))
         errors = validator.reference_errors(document)
         if not errors:  # the fast path disagreed with the reference: trust the reference
             return None
         shape = [e for e in errors if e.validator in _SHAPE_KEYWORDS]
         reason = Reason.SCHEMA_DRIFT if shape else Reason.VALIDATION_FAIL
         first = (shape or errors)[0]
-        return Rejected(reason, stage, f"{first.json_path}: {_short(first.message)}", _identity(identity_of))
+        return Rejected(reason, stage, f"{first.json_path}: {_short(first.message)}", identity_of(named_by))
 
 
-def _identity(document: Any) -> dict[str, str]:
+def nesting_depth_exceeds(document: Any, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than `limit` levels (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _holds_nul(document: Any) -> bool:
+    """Whether a string (key or value) anywhere in the document holds U+0000."""
+    stack = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def identity_of(document: Any) -> dict[str, str]:
     """tenant / source / id for the DLQ headers, when the document has them as strings."""
     if not isinstance(document, dict):
         return {}

@@ -26,9 +26,12 @@ def parse_rfc3339(text: str) -> datetime:
     if int(offset[1:3]) > 23 or int(offset[4:6]) > 59:
         raise ValueError(f"bad UTC offset in {text[:64]!r}")
     # datetime() checks the calendar: month 13, 30 February and hour 24 raise ValueError.
-    return datetime.fromisoformat(
-        f"{year}-{month}-{day}T{hour}:{minute}:{second}.{micros:06d}{offset}"
-    )
+    moment = datetime.fromisoformat(f"{year}-{month}-{day}T{hour}:{minute}:{second}.{micros:06d}{offset}")
+    try:  # every sink stores the instant: it must exist in UTC (years 1..9999)
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text[:64]!r} is outside years 1..9999 in UTC") from None
+    return moment
 
 
 def is_rfc3339(value: object) -> bool:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ingest_stream.core.reasons import Reason
 from ingest_stream.core.record import Record, entity_key
 from ingest_stream.core.revision import Version
 from ingest_stream.errors import SinkError
@@ -57,8 +58,11 @@ Classifier = Callable[[BaseException], SinkError | None]
 
 
 @contextlib.contextmanager
-def translated_errors(classify: Classifier) -> Iterator[None]:
-    """The sink boundary: driver exceptions become `SinkError`s; unknown types (bugs) propagate."""
+def translated_errors(classify: Classifier, sink: str) -> Iterator[None]:
+    """The sink boundary: driver exceptions become `SinkError`s. A type no rule knows is a bug (in
+    a driver or here), which a record may trigger: it becomes a refusal of the batch, flagged
+    `unexpected`, so GuardedSink isolates the record that causes it instead of the agent crashing
+    on it after every restart (the sink agent stops the worker if a whole batch fails this way)."""
     try:
         yield
     except SinkError:
@@ -66,5 +70,6 @@ def translated_errors(classify: Classifier) -> Iterator[None]:
     except Exception as exc:
         error = classify(exc)
         if error is None:
-            raise
+            name = type(exc).__name__
+            error = SinkError(sink, Reason.CONSTRAINT_VIOLATION, f"unexpected {name}: {exc}", unexpected=name)
         raise error from exc

@@ -1,8 +1,8 @@
 """The one place that turns driver exceptions into reason codes — by exception type, never by text.
 
 Each sink's rules are checked in order; the first whose types match wins, so timeouts come first
-(`TimeoutError` is an `OSError`). An exception no rule knows is not a sink failure but a bug, and
-propagates.
+(`TimeoutError` is an `OSError`). An exception no rule knows is a bug: `translated_errors` flags it.
+A value the driver cannot encode (`OverflowError`: an integer past 64 bits) is the record's fault.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ RULES: dict[str, Sequence[Rule]] = {
     "postgres": (
         ((TimeoutError, asyncpg.QueryCanceledError), Reason.SINK_TIMEOUT),
         ((asyncpg.TooManyConnectionsError,), Reason.RATE_LIMITED),
-        ((asyncpg.IntegrityConstraintViolationError, asyncpg.DataError), Reason.CONSTRAINT_VIOLATION),
+        ((asyncpg.IntegrityConstraintViolationError, asyncpg.DataError, OverflowError),
+         Reason.CONSTRAINT_VIOLATION),
         # InternalClientError: the protocol state broke mid-operation, seen when the server shut
         # down during a query; asyncpg terminates that connection ("most likely an IO error").
         ((OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError),
@@ -33,14 +34,16 @@ RULES: dict[str, Sequence[Rule]] = {
     ),
     "neo4j": (
         ((TimeoutError, neo4j_errors.TransientError), Reason.SINK_TIMEOUT),
-        ((neo4j_errors.ConstraintError, neo4j_errors.CypherTypeError), Reason.CONSTRAINT_VIOLATION),
+        ((neo4j_errors.ConstraintError, neo4j_errors.CypherTypeError, OverflowError),
+         Reason.CONSTRAINT_VIOLATION),
         ((neo4j_errors.ServiceUnavailable, neo4j_errors.SessionExpired, OSError), Reason.CONNECTION_ERROR),
         # The FalkorDB stand-in answers every error as a generic database error.
         ((neo4j_errors.Neo4jError, neo4j_errors.DriverError), Reason.CONNECTION_ERROR),
     ),
     "typesense": (
         ((ts_errors.Timeout, httpx.TimeoutException, TimeoutError), Reason.SINK_TIMEOUT),
-        ((ts_errors.ObjectUnprocessable, ts_errors.RequestMalformed), Reason.CONSTRAINT_VIOLATION),
+        ((ts_errors.ObjectUnprocessable, ts_errors.RequestMalformed, OverflowError),
+         Reason.CONSTRAINT_VIOLATION),
         ((ts_errors.TypesenseClientError, httpx.TransportError, OSError), Reason.CONNECTION_ERROR),
     ),
 }

@@ -84,7 +84,7 @@ class Neo4jSink:
             self._uri, auth=self._auth, connection_timeout=self._timeout_s,
             max_transaction_retry_time=0,  # retries are ours (backoff + circuit), not the driver's
         )
-        with translated_errors(_classify):
+        with translated_errors(_classify, "neo4j"):
             for statement in _SCHEMA[self._flavor]:
                 try:
                     await self._driver.execute_query(statement)
@@ -108,7 +108,7 @@ class Neo4jSink:
 
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
         found: dict[str, Version] = {}
-        with translated_errors(_classify):
+        with translated_errors(_classify, "neo4j"):
             for start in range(0, len(keys), self._batch_size):
                 chunk = [dict(zip(("tenant", "id"), split_entity_key(k), strict=True))
                          for k in keys[start:start + self._batch_size]]
@@ -130,7 +130,7 @@ class Neo4jSink:
                 result = await tx.run(_UPSERT, rows=chunk)
                 await result.consume()
 
-        with translated_errors(_classify):
+        with translated_errors(_classify, "neo4j"):
             if self._concurrency == 1:
                 async with self.driver.session() as session:
                     await session.execute_write(apply)

@@ -52,7 +52,7 @@ class PostgresSink:
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
-        with translated_errors(_classify):
+        with translated_errors(_classify, "postgres"):
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=4, command_timeout=self._timeout_s,
                 reset=_nothing_to_reset,
@@ -73,7 +73,7 @@ class PostgresSink:
 
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
         tenants, ids = zip(*(split_entity_key(k) for k in keys), strict=True) if keys else ((), ())
-        with translated_errors(_classify):
+        with translated_errors(_classify, "postgres"):
             rows = await self.pool.fetch(_CURRENT, list(tenants), list(ids))
         return {
             entity_key(row["tenant"], row["id"]):
@@ -88,7 +88,7 @@ class PostgresSink:
         rewrites = [w for w in writes if w.may_rewrite_equal]
         statements = [(_UPSERT.format(guard=guard), _columns(part))
                       for guard, part in (("<", normal), ("<=", rewrites)) if part]
-        with translated_errors(_classify):
+        with translated_errors(_classify, "postgres"):
             if len(statements) == 1:
                 query, columns = statements[0]
                 await self.pool.execute(query, *columns)

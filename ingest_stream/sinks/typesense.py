@@ -105,7 +105,7 @@ class TypesenseSink:
         """The sink boundary (translated_errors), plus the server's Retry-After on a rate limit."""
         self._retry_after_s = None
         try:
-            with translated_errors(_classify):
+            with translated_errors(_classify, "typesense"):
                 yield
         except SinkError as error:
             if error.reason is Reason.RATE_LIMITED and self._retry_after_s is not None:

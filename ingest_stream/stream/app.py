@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ingest_stream.config import SOURCES, Settings
 from ingest_stream.core.backoff import BackoffPolicy
 from ingest_stream.core.breaker import BreakerPolicy, CircuitBreaker
+from ingest_stream.core.dlq import RECORD_OVERHEAD_BYTES
 from ingest_stream.core.schemas import RecordValidator
 from ingest_stream.core.stall import StallDetector
 from ingest_stream.metrics import Metrics
@@ -90,6 +91,7 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "table_standby_replicas": settings.table_standby_replicas,
         "producer_linger": settings.producer_linger_ms / 1000,
         "producer_acks": -1,
+        "producer_max_request_size": settings.max_message_bytes + RECORD_OVERHEAD_BYTES,
         "broker_commit_interval": settings.commit_interval_s,
         "consumer_auto_offset_reset": "earliest",
         "stream_buffer_maxsize": 16384,
@@ -119,7 +121,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     metrics.rocksdb_memtables.set_function(lambda: memtable_bytes(every_table))
     validator = RecordValidator.from_directory(
         settings.schema_dir, max_record_bytes=settings.max_record_bytes)
-    dead_letters = DeadLetters(topics.dlq, metrics, clock=lambda: datetime.now(UTC))
+    source_topics = frozenset(settings.source_topic(source) for source in SOURCES)
+    dead_letters = DeadLetters(topics.dlq, metrics, clock=lambda: datetime.now(UTC),
+                               source_topics=source_topics, max_letter_bytes=settings.max_message_bytes)
     backoff = BackoffPolicy(base_s=settings.sink_retry_base_s, cap_s=settings.sink_retry_cap_s,
                             max_attempts=settings.sink_retry_attempts)
     breaker_policy = BreakerPolicy(
@@ -144,7 +148,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     for source in SOURCES:
         processor = SourceProcessor(
             source, app=app, settings=settings, validator=validator, tables=tables[source],
-            sink_topics=list(topics.sinks.values()), dead_letters=dead_letters, metrics=metrics,
+            sink_topics=list(topics.sinks.values()), source_topics=source_topics,
+            dead_letters=dead_letters, metrics=metrics,
             gate=backpressure)
         _agent(app, f"process-{source}", topics.sources[source], processor.process,
                settings.source_batch_size, settings.batch_within_s, produced, acked)
@@ -152,7 +157,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
 
     for name, guarded in sinks.items():
         sink_processor = SinkProcessor(guarded, validator=validator, dead_letters=dead_letters,
-                                       metrics=metrics, gate=backpressure)
+                                       metrics=metrics, gate=backpressure, source_topics=source_topics)
         _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.process,
                settings.sink_batch_size, settings.batch_within_s, produced, acked)
 

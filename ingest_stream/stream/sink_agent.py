@@ -1,8 +1,10 @@
 """The agent of one sink topic: batches of validated records → the guarded sink → DLQ → ack.
 
 Sink topics carry records the processing agent validated, but anything can be written to a topic:
-each value is checked again (the compiled fast path, microseconds), so a foreign record is
-dead-lettered instead of crashing the worker on every restart.
+each value is checked again (the compiled fast path, microseconds), and the per-record work runs
+under one guard (`_write_of`), so a foreign record is dead-lettered instead of crashing the worker
+on every restart. A record the sink itself refuses comes back in `outcome.failed` (GuardedSink
+isolates it); if every record of a batch failed unexpectedly, the worker stops (core/guard.py).
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from typing import Any
 
 from faust.types import EventT
 
 from ingest_stream.core.dlq import REPLAY_HEADER, header_value, read_origin, reprocessed
+from ingest_stream.core.guard import check_batch
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.schemas import RecordValidator, Rejected
 from ingest_stream.core.timefmt import epoch_ms
@@ -30,8 +33,9 @@ log = logging.getLogger(__name__)
 
 class SinkProcessor:
     def __init__(self, sink: GuardedSink, *, validator: RecordValidator, dead_letters: DeadLetters,
-                 metrics: Metrics, gate: BackpressureController) -> None:
+                 metrics: Metrics, gate: BackpressureController, source_topics: Collection[str]) -> None:
         self.sink = sink
+        self._source_topics = source_topics
         self._gate = gate
         self._validator = validator
         self.stage = Stage.for_sink(sink.name)
@@ -45,18 +49,18 @@ class SinkProcessor:
         deliveries: list[Awaitable[object]] = []
         writes: list[Write] = []
         event_of: dict[int, EventT[Any]] = {}
+        unexpected = 0
         for event in events:
-            message = event.message
-            verdict = self._validator.check(message.value or b"")
-            if isinstance(verdict, Rejected):  # not written by us: a foreign producer
-                deliveries.append(await self._dead_letters.reject(event, verdict, stage=self.stage))
+            try:
+                write = self._write_of(event)
+            except Exception as exc:  # the per-record guard: a bug met by one record stops nothing
+                unexpected += 1
+                deliveries.append(await self._dead_letters.unexpected(event, exc, stage=self.stage))
                 continue
-            headers = headers_of(event)
-            origin = read_origin(headers)
-            write = Write(verdict.record, may_rewrite_equal=reprocessed(headers),
-                          origin_tp=f"{origin.topic}:{origin.partition}" if origin else None,
-                          origin_offset=origin.offset if origin else None,
-                          replayed=header_value(headers, REPLAY_HEADER) is not None)
+            if isinstance(write, Rejected):  # not written by us: a foreign producer
+                unexpected += write.unexpected is not None
+                deliveries.append(await self._dead_letters.reject(event, write, stage=self.stage))
+                continue
             writes.append(write)
             event_of[id(write)] = event
 
@@ -78,6 +82,8 @@ class SinkProcessor:
         async with self._gate.sink_slots:  # bounded sink concurrency across the sink agents
             outcome = await self.sink.apply(writes, before_write=dead_letter_older)
 
+        unexpected += sum(error.unexpected is not None for _, error, _ in outcome.failed)
+        check_batch(unexpected, len(events), where=f"sink-{self.sink.name}")
         outcome.skipped += [w for w in outcome.older if w.replayed]
         outcome.older = [w for w in outcome.older if not w.replayed]
         for write, error, attempts in outcome.failed:
@@ -102,6 +108,19 @@ class SinkProcessor:
         self._metrics.sink_batch.labels(self.sink.name).observe(time.monotonic() - started)
         if outcome.applied:
             self._metrics.last_sink_commit.labels(self.sink.name).set(time.time())
+
+
+    def _write_of(self, event: EventT[Any]) -> Write | Rejected:
+        """Pure per-record work: whatever it raises is this record's failure (`process`)."""
+        verdict = self._validator.check(event.message.value or b"")
+        if isinstance(verdict, Rejected):
+            return verdict
+        headers = headers_of(event)
+        origin = read_origin(headers, topics=self._source_topics)
+        return Write(verdict.record, may_rewrite_equal=reprocessed(headers),
+                     origin_tp=f"{origin.topic}:{origin.partition}" if origin else None,
+                     origin_offset=origin.offset if origin else None,
+                     replayed=header_value(headers, REPLAY_HEADER) is not None)
 
 
 def _identity(write: Write) -> dict[str, str]:

@@ -1,5 +1,9 @@
 """The processing agent of one source topic: validate/upcast → dedupe → fan out to the sink topics.
 
+No record's content can stop it: the per-record work (headers, decode, validate, upcast, encode,
+size) runs under one guard (`_accept`), and whatever it raises becomes that record's dead letter.
+Only the broker (sends, table reads) may stop it.
+
 Delivery: a batch's events are acked (so their offsets become committable) only after every
 forward and DLQ record they caused has been acknowledged by the broker, and their dedupe keys and
 checkpoints are in the table's changelog (written per batch: `BatchedTableWrites`).
@@ -11,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from typing import Any
 
 import faust
@@ -20,8 +24,10 @@ from faust.types import EventT
 
 from ingest_stream.config import Settings
 from ingest_stream.core import dedupe
-from ingest_stream.core.dlq import origin_headers, reprocessed
-from ingest_stream.core.record import encode, entity_key
+from ingest_stream.core.admission import Forward, admit
+from ingest_stream.core.guard import check_batch
+from ingest_stream.core.reasons import Stage
+from ingest_stream.core.record import entity_key
 from ingest_stream.core.schemas import RecordValidator, Rejected
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
@@ -43,6 +49,7 @@ class SourceProcessor:
         validator: RecordValidator,
         tables: SourceTables,
         sink_topics: Sequence[faust.TopicT],
+        source_topics: Collection[str],
         dead_letters: DeadLetters,
         metrics: Metrics,
         gate: BackpressureController,
@@ -56,6 +63,7 @@ class SourceProcessor:
         # Topic.send wraps each record in a FutureMessage and a PendingMessage, then aiokafka a
         # future per record); these topics are declared by their sink agents and carry bytes.
         self._sink_topic_names = [topic.get_topic_name() for topic in sink_topics]
+        self._source_topics = source_topics
         self._dead_letters = dead_letters
         self._ttl_ms = settings.dedupe_ttl_s * 1000
         self._outcomes = metrics.records.labels(source, "forwarded")
@@ -75,38 +83,47 @@ class SourceProcessor:
         seen_keys = BatchedTableWrites(self._tables.dedupe)
         checkpoint_writes = BatchedTableWrites(self._tables.checkpoints)
         counted: Counter[tuple[str, str]] = Counter()  # (tenant, outcome): the metrics, once per batch
+        unexpected = 0
         for event in events:
-            message = event.message
-            verdict = self._validator.check(message.value or b"")
-            if isinstance(verdict, Rejected):
+            try:
+                accepted = self._accept(event)
+            except Exception as exc:  # the per-record guard: a bug met by one record stops nothing
+                unexpected += 1
                 self._rejected.inc()
-                deliveries.append(await self._dead_letters.reject(event, verdict))
+                deliveries.append(await self._dead_letters.unexpected(event, exc, stage=Stage.VALIDATE))
                 continue
-            record = verdict.record
+            if isinstance(accepted, Rejected):
+                unexpected += accepted.unexpected is not None
+                self._rejected.inc()
+                deliveries.append(await self._dead_letters.reject(event, accepted))
+                continue
+            record = accepted.record
             if not self._gate.keeps(self.source, record["priority"]):
                 continue  # brownout: still in the source topic, for a replay (README)
-            headers = headers_of(event)
-            if not reprocessed(headers) and self._is_duplicate(
-                    event, dedupe.dedupe_key(record), seen_keys, now_ms):
+            if not accepted.reprocessed and self._is_duplicate(
+                    event, dedupe.dedupe_key(accepted.encoded), seen_keys, now_ms):
                 counted[record["tenant"], "duplicate"] += 1
                 continue
-            if not any(k.startswith("ingest.origin.") for k, _ in headers):
-                headers += origin_headers(position_of(event))
             key = entity_key(record["tenant"], record["id"]).encode()
-            value = encode(record)
             for topic_name in self._sink_topic_names:
-                await batches.add(topic_name, key, value, headers)
+                await batches.add(topic_name, key, accepted.encoded, accepted.headers)
             counted[record["tenant"], "forwarded"] += 1
-            checkpoint = f"{record['tenant']}:{self.source}:{message.partition}"
+            checkpoint = f"{record['tenant']}:{self.source}:{event.message.partition}"
             previous = checkpoints.get(checkpoint)
             event_ms = epoch_ms(record["event_time"])
             checkpoints[checkpoint] = (event, max(event_ms, previous[1] if previous else event_ms))
+        check_batch(unexpected, len(events), where=f"process-{self.source}")
         self._count(counted)
         self._write_checkpoints(checkpoints, checkpoint_writes, now_ms)
         await seen_keys.add_to(batches)
         await checkpoint_writes.add_to(batches)
         sent = await batches.send()
         return self._settle(deliveries, sent, seen_keys, checkpoint_writes)
+
+    def _accept(self, event: EventT[Any]) -> Forward | Rejected:
+        """Pure per-record work (core/admission.py); whatever it raises is this record's failure."""
+        return admit(self._validator, event.message.value, headers_of(event), here=position_of(event),
+                     source_topics=self._source_topics)
 
     @staticmethod
     async def _settle(deliveries: list[Awaitable[object]], sent: list[SentBatch],

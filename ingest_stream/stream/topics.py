@@ -9,6 +9,7 @@ import faust
 from faust.types import AppT, Message
 
 from ingest_stream.config import SOURCES, Settings
+from ingest_stream.core.dlq import RECORD_OVERHEAD_BYTES
 
 
 class RawBytesSchema(faust.Schema):  # type: ignore[type-arg]
@@ -39,8 +40,11 @@ class Topics:
 
 
 def declare_topics(app: faust.App, settings: Settings) -> Topics:
+    # Room for a record of the size limit with its headers, on brokers whose default is 1 MB.
+    config = {"max.message.bytes": str(settings.max_message_bytes + RECORD_OVERHEAD_BYTES)}
+
     def raw(name: str) -> faust.TopicT:
-        return app.topic(name, schema=RawBytesSchema(), partitions=settings.partitions)
+        return app.topic(name, schema=RawBytesSchema(), partitions=settings.partitions, config=config)
 
     return Topics(
         sources={s: raw(settings.source_topic(s)) for s in SOURCES},

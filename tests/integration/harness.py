@@ -228,10 +228,11 @@ class Kafka:
         for future in futures.values():
             future.result(30)
 
-    def produce(self, topic: str, messages: Sequence[tuple[bytes | None, bytes]],
-                headers: Sequence[tuple[str, bytes]] = (), timestamps_ms: Sequence[int] | None = None
-                ) -> list[tuple[int, int]]:
-        """Send in order (with these record timestamps, if given); return each (partition, offset)."""
+    def produce(self, topic: str, messages: Sequence[tuple[bytes | None, bytes | None]],
+                headers: Sequence[tuple[str, bytes]] = (), timestamps_ms: Sequence[int] | None = None,
+                headers_each: Sequence[Sequence[tuple[str, bytes]]] | None = None) -> list[tuple[int, int]]:
+        """Send in order (with these record timestamps, if given; `headers` on every message, then
+        `headers_each[i]` on message i); return each (partition, offset)."""
         producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": False,
                              "linger.ms": 5, "message.max.bytes": 4_000_000})
         positions: list[tuple[int, int] | None] = [None] * len(messages)
@@ -244,7 +245,8 @@ class Kafka:
 
         for index, (key, value) in enumerate(messages):
             stamp = {"timestamp": timestamps_ms[index]} if timestamps_ms is not None else {}
-            producer.produce(topic, value=value, key=key, headers=list(headers),
+            own = list(headers_each[index]) if headers_each is not None else []
+            producer.produce(topic, value=value, key=key, headers=[*headers, *own],
                              on_delivery=delivered(index), **stamp)
             producer.poll(0)
         assert producer.flush(60) == 0

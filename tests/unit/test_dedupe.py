@@ -1,6 +1,13 @@
-from ingest_stream.core.dedupe import DedupeDecision, SeenEntry, decide, dedupe_key
-from ingest_stream.core.record import with_defaults
+from typing import Any
+
+from ingest_stream.core.dedupe import DedupeDecision, SeenEntry, decide
+from ingest_stream.core.dedupe import dedupe_key as key_of_bytes
+from ingest_stream.core.record import encode, with_defaults
 from tests.dataset import v2
+
+
+def dedupe_key(record: Any) -> str:
+    return key_of_bytes(encode(record))
 
 TTL = 7 * 24 * 3600 * 1000
 

@@ -1,0 +1,50 @@
+"""What the processing stage makes of one source record: a forward to the sinks, or a rejection.
+
+Pure and total: for any value and headers it returns, never raises (the wiring's guard catches
+what a bug might still raise). The checks past the schema's are the ones the sinks need: the
+record re-encodes within the limit (`RecordValidator`), its headers fit beside it, and the
+`ingest.origin.*` headers it travels with are ours, never a producer's (`trusted_origin`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from ingest_stream.core.dlq import (
+    ORIGINAL_HEADERS_LIMIT_BYTES,
+    Headers,
+    Position,
+    headers_size,
+    origin_headers,
+    reprocessed,
+    trusted_origin,
+    without_origin,
+)
+from ingest_stream.core.reasons import Reason, Stage
+from ingest_stream.core.record import Record
+from ingest_stream.core.schemas import RecordValidator, Rejected, identity_of
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A record accepted for the sinks: its canonical bytes and the headers they travel with."""
+
+    record: Record
+    encoded: bytes
+    headers: Headers
+    reprocessed: bool  # redriven or replayed: dedupe is bypassed (contract §5)
+
+
+def admit(validator: RecordValidator, value: bytes | None, headers: Headers, *, here: Position,
+          source_topics: Collection[str]) -> Forward | Rejected:
+    verdict = validator.check(value or b"")
+    if isinstance(verdict, Rejected):
+        return verdict
+    size = headers_size(headers)
+    if size > ORIGINAL_HEADERS_LIMIT_BYTES:
+        error = f"$: headers are {size} bytes; the limit is {ORIGINAL_HEADERS_LIMIT_BYTES}"
+        return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error, identity_of(verdict.record))
+    origin = trusted_origin(headers, here, source_topics)
+    return Forward(verdict.record, verdict.encoded, [*without_origin(headers), *origin_headers(origin)],
+                   reprocessed(headers))

@@ -1,0 +1,78 @@
+"""Issue 16: no record stops the pipeline. Every hostile class of tests/hostile.py, between good
+records, through one worker on the real servers: the worker never exits, every good (and odd but
+valid) record lands in all three sinks, every hostile one is dead-lettered once with its reason,
+and nothing reaches a topic the records name in forged headers."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from tests.hostile import CLASSES, Context, Hostile, build, good
+from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_equal, eventually, headers_of
+from tests.integration.test_pipeline import source_topics
+
+LIMIT = 32 * 1024
+
+
+def test_every_hostile_class_is_dead_lettered_or_lands_and_the_worker_goes_on(
+        kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
+    tenant = f"{prefix}-acme"
+    rng = random.Random(16)
+    records: list[Hostile] = []
+    for index, kind in enumerate(CLASSES * 2):  # each class twice, a good record before each
+        records.append(good(Context(tenant, f"good-{index}", LIMIT, prefix, rng)))
+        records.append(build(kind, Context(tenant, f"{kind}-{index}", LIMIT, prefix, rng)))
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT))
+    worker.start()
+    worker.supervise(restart_on=())  # records any exit: there must be none
+    source = f"{prefix}.source.kafka"
+    positions = kafka.produce(source, [(r.key, r.value) for r in records],
+                              headers_each=[r.headers for r in records])
+
+    landing = {(r.record["tenant"], r.record["id"]): r.record["revision"] for r in records if r.record}
+    expected_dlq = Counter((source, *positions[i], *r.expect) for i, r in enumerate(records) if r.expect)
+
+    def dlq_now() -> Counter[tuple[str, int, int, str, str]]:
+        entries: Counter[tuple[str, int, int, str, str]] = Counter()
+        for message in kafka.read_all(f"{prefix}.dlq"):
+            h = headers_of(message)
+            entries[(h["dlq.origin.topic"], int(h["dlq.origin.partition"]), int(h["dlq.origin.offset"]),
+                     h["dlq.reason"], h["dlq.stage"])] += 1
+        return entries
+
+    def converged() -> None:
+        assert worker.exits == [], f"the worker exited: {worker.exits}"
+        revisions = {k: v["revision"] for k, v in sinks.postgres([tenant]).items()}
+        assert_equal(revisions, landing, "postgres")
+        assert_equal({k: v["revision"] for k, v in sinks.graph_nodes([tenant]).items()}, landing, "graph")
+        assert_equal(sinks.search_documents([tenant]), landing, "search")
+        assert_equal(dlq_now(), expected_dlq, "dlq entries")
+
+    eventually(converged, timeout_s=180, context=worker.log_tail)
+    assert worker.process is not None and worker.process.poll() is None, "the worker is not running"
+
+    # Each letter fits, points at the source position (never at a forged origin), and a cut value
+    # says so; nothing was written to the topics forged headers name.
+    by_position = {positions[i]: r for i, r in enumerate(records)}
+    for message in kafka.read_all(f"{prefix}.dlq"):
+        h = headers_of(message)
+        original = by_position[(int(h["dlq.origin.partition"]), int(h["dlq.origin.offset"]))]
+        assert h["dlq.origin.topic"] == source
+        if original.value is not None and len(original.value) > LIMIT + 64 * 1024:
+            assert h["dlq.value_truncated"] == "true"
+            assert int(h["dlq.value_bytes"]) == len(original.value)
+            assert original.value.startswith(message.value())
+        else:
+            assert "dlq.value_truncated" not in h
+            assert message.value() == original.value
+    for topic in (f"{prefix}.legal.holds", f"{prefix}.dlq.status"):
+        assert topic not in kafka_topics(kafka), f"{topic} was created"
+    assert worker.metric("ingest_unexpected_errors_total") == 0
+
+
+def kafka_topics(kafka: Kafka) -> set[str]:
+    from confluent_kafka.admin import AdminClient
+
+    return set(AdminClient({"bootstrap.servers": kafka.bootstrap}).list_topics(timeout=10).topics)
