@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: help setup dev test unit integration lint typecheck bench clean
+.PHONY: help setup dev test unit integration lint typecheck bench fuzz clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,11 @@ BENCH_ARGS ?= --records 100000 --sinks postgres,typesense --two-workers --latenc
 
 bench: setup  ## throughput, latency (and --soak-seconds 600 for memory): bench/results/*.json
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+FUZZ_ARGS ?= --records 10000
+
+fuzz: setup  ## hostile records of every class through a worker on the real servers; all accounted for
+	$(PY) -m bench.fuzz $(FUZZ_ARGS)
 
 clean:  ## remove the virtualenv, dev data and caches
 	rm -rf $(VENV) .devstack data .mypy_cache .ruff_cache .pytest_cache
