@@ -1,12 +1,19 @@
 """Admin routes on the Faust web server: backpressure overrides and per-source isolation, behind a
 bearer token; every attempt (allowed or not) goes to an append-only audit trail operators can read
 (`GET /admin/audit`, or the JSONL file in the data directory).
+
+A torn or garbled line in that file (a crash mid-append, an edit by hand) is skipped with a
+warning, never a reason not to start; the next entry starts on a line of its own. A query
+parameter that is not what the route takes is a 400 with the reason, never a 500.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,41 @@ from ingest_stream.stream.backpressure import BackpressureController
 log = logging.getLogger(__name__)
 AUDIT_FILE = "admin-audit.jsonl"
 UNAUTHORIZED = 401
+BAD_REQUEST = 400
+DEFAULT_AUDIT_LIMIT = 100
+SKIPPED_LINES_SHOWN = 10
+
+
+class QueryError(ValueError):
+    """A query parameter the route cannot take; the message says which and why."""
+
+
+@dataclass
+class AuditRead:
+    """What an audit file held: the last `keep` entries, and the lines that were not entries."""
+
+    entries: deque[dict[str, Any]]
+    skipped: int = 0  # lines torn or garbled
+    skipped_lines: list[int] = field(default_factory=list)  # the first few of them (1-based)
+
+
+def read_audit(lines: Iterable[bytes], keep: int) -> AuditRead:
+    """The entries of an audit file's lines; a line that is not a JSON object is skipped."""
+    read = AuditRead(deque(maxlen=keep))
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            entry = None
+        if isinstance(entry, dict):
+            read.entries.append(entry)
+        else:
+            read.skipped += 1
+            if len(read.skipped_lines) < SKIPPED_LINES_SHOWN:
+                read.skipped_lines.append(number)
+    return read
 
 
 class AuditTrail:
@@ -34,18 +76,28 @@ class AuditTrail:
         self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
         if path.exists():
             with path.open("rb") as lines:
-                self._recent.extend(orjson.loads(line) for line in lines if line.strip())
+                read = read_audit(lines, keep)
+            self._recent = read.entries
+            if read.skipped:
+                log.warning("admin audit %s: %d line(s) not read (torn or garbled), skipped: line %s",
+                            path, read.skipped, ", ".join(map(str, read.skipped_lines)))
 
     def record(self, entry: dict[str, Any]) -> None:
         self._recent.append(entry)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as out:
-            out.write(orjson.dumps(entry) + b"\n")
+        with self.path.open("a+b") as out:  # appends go to the end whatever was read
+            line = orjson.dumps(entry) + b"\n"
+            if out.seek(0, os.SEEK_END) > 0:
+                out.seek(-1, os.SEEK_END)
+                if out.read(1) != b"\n":  # a torn last line: ours starts on a line of its own
+                    line = b"\n" + line
+            out.write(line)
         log.warning("admin %s by %s from %s: %s", entry["action"], entry["who"], entry["remote"],
                     entry["result"])
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
-        return list(self._recent)[-limit:]
+        """The last `limit` entries (all kept ones when there are fewer), oldest first."""
+        return list(self._recent)[-limit:] if limit > 0 else []
 
 
 def install_admin_routes(app: faust.App, settings: Settings, controller: BackpressureController) -> None:
@@ -70,11 +122,10 @@ def install_admin_routes(app: faust.App, settings: Settings, controller: Backpre
                     return refused
                 who = _who(request)
                 try:
-                    rate = float(request.query["rate"]) if "rate" in request.query else None
-                    await controller.override(state, who=who, rate=rate)
-                except ValueError as error:
+                    await controller.override(state, who=who, rate=query_rate(request.query))
+                except ValueError as error:  # QueryError too
                     _audit(audit, request, state.value, params, f"rejected: {error}")
-                    return self.json({"error": str(error)}, status=400)
+                    return self.json({"error": str(error)}, status=BAD_REQUEST)
                 _audit(audit, request, state.value, params, "ok")
                 return self.json({"backpressure": controller.status()})
 
@@ -117,8 +168,38 @@ def install_admin_routes(app: faust.App, settings: Settings, controller: Backpre
             refused = guarded(self, request, "read-audit", {})
             if refused is not None:
                 return refused
-            limit = int(request.query.get("limit", "100"))
+            try:
+                limit = query_limit(request.query)
+            except QueryError as error:
+                return self.json({"error": str(error)}, status=BAD_REQUEST)
             return self.json({"entries": audit.recent(limit)})
+
+
+def query_limit(query: Mapping[str, str]) -> int:
+    """`?limit=`: how many audit entries, a whole number from 0 (default 100)."""
+    raw = query.get("limit", str(DEFAULT_AUDIT_LIMIT))
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise QueryError(f"limit must be a whole number (0 or more), not {_shown(raw)}") from None
+    if limit < 0:
+        raise QueryError(f"limit must be a whole number (0 or more), not {_shown(raw)}")
+    return limit
+
+
+def query_rate(query: Mapping[str, str]) -> float | None:
+    """`?rate=`: a brownout rate, a number (its range is the controller's to check); None when absent."""
+    raw = query.get("rate")
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise QueryError(f"rate must be a number within [0, 1], not {_shown(raw)}") from None
+
+
+def _shown(raw: str, at_most: int = 40) -> str:
+    return repr(raw if len(raw) <= at_most else raw[:at_most] + "…")
 
 
 def _who(request: Request) -> str:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingest_stream.core.webhook import sign
 from ingest_stream.ops.devstack import DevStack
 from tests.dataset import v2
 from tests.deploy.grafana import dashboards, exposed_families, expressions, metric_families
@@ -81,6 +85,59 @@ def test_with_no_token_configured_every_admin_route_refuses(make_worker, kafka: 
         assert worker.post(route, token="")[0] == 401
         assert worker.post(route, token="anything")[0] == 401
     assert state(worker) == "normal"
+
+
+def test_a_torn_audit_file_bad_query_values_and_unsendable_webhook_requests_stop_nothing(
+        make_worker, kafka: Kafka, prefix: str) -> None:
+    """Issue 16: the worker starts on an audit file whose last line was torn, a query value it
+    cannot take is a 400 with a reason, a replayed signature is 403, and a record Kafka can never
+    take is 413 — not a 503 inviting the sender to retry for ever."""
+    tenant = f"{prefix}-hook"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(**QUICK_LAG, INGEST_WEBHOOK_MAX_BODY_BYTES="4000000",
+                                        INGEST_WEBHOOK_AUTH=json.dumps({tenant: {"hmac_secret": "sec"}}))
+    audit_file = Path(worker.env["INGEST_DATA_DIR"]) / "admin-audit.jsonl"
+    audit_file.parent.mkdir(parents=True, exist_ok=True)
+    kept = {"at": "2026-01-01T00:00:00Z", "who": "carol", "remote": "10.0.0.1", "action": "pause",
+            "params": {}, "result": "ok"}
+    audit_file.write_bytes(json.dumps(kept).encode() + b"\n" + b'{"at": "2026-01-01T00:00:01Z", "who": "da')
+    worker.start()
+    assert "not read (torn or garbled)" in worker.log_tail(200)
+    assert _get(worker, "/admin/audit", token=TOKEN) == (200, {"entries": [kept]})
+
+    for query in ("limit=abc", "limit=-1", "limit=1.5"):
+        status, body = _get(worker, f"/admin/audit?{query}", token=TOKEN)
+        assert status == 400 and "limit must be a whole number" in body["error"], (query, body)
+    assert _get(worker, "/admin/audit?limit=abc") == (401, {"error": "unauthorized"})  # the token first
+    status, body = worker.post("/admin/brownout?rate=abc", token=TOKEN, X_Operator="alice")
+    assert status == 400 and "rate must be a number" in body["error"]
+    assert worker.post("/admin/drain", token=TOKEN, X_Operator="alice")[0] == 200
+    assert worker.post("/admin/resume", token=TOKEN, X_Operator="alice")[0] == 200
+    trail = [(e["who"], e["action"], e["result"].split(":")[0])
+             for e in _get(worker, "/admin/audit?limit=10", token=TOKEN)[1]["entries"]]
+    assert trail == [("carol", "pause", "ok"), ("127.0.0.1", "read-audit", "refused"),
+                     ("alice", "brownout", "rejected"), ("alice", "drain", "ok"), ("alice", "resume", "ok")]
+    # The file: the torn fragment stays on its own line, every entry after it is whole.
+    lines = audit_file.read_text().splitlines()
+    assert lines[1].endswith('"who": "da')
+    assert [json.loads(line)["action"] for line in lines[2:]] == ["read-audit", "brownout", "drain", "resume"]
+
+    one = json.dumps({**v2(tenant, "w0", 1), "source": "webhook"}).encode()
+    stamp = str(int(time.time()))
+    signed = {"X-Tenant": tenant, "X-Signature": sign("sec", stamp, one), "X-Signature-Timestamp": stamp}
+    assert _post_webhook(worker, one, signed)[0] == 202
+    status, body = _post_webhook(worker, one, signed)
+    assert status == 403 and "used before" in body["error"]
+    huge = json.dumps({**v2(tenant, "w1", 1), "source": "webhook", "attributes": {"body": "x" * 1_500_000}})
+    stamp = str(int(time.time()))
+    signed = {"X-Tenant": tenant, "X-Signature": sign("sec", stamp, huge.encode()),
+              "X-Signature-Timestamp": stamp}
+    for _ in range(2):  # refused for good, and not as a replay: the signature was not spent
+        status, body = _post_webhook(worker, huge.encode(), signed)
+        assert status == 413 and "can never be stored" in body["error"], body
+    assert [json.loads(m.value())["id"] for m in kafka.read_all(f"{prefix}.source.webhook")] == ["w0"]
+    assert worker.metric("ingest_webhook_requests_total", status="413") == 2
+    assert worker.alive
 
 
 def test_drain_stops_fetching_lag_cli_agrees_with_an_independent_client_and_resume_restarts(
@@ -222,6 +279,28 @@ def test_metrics_scrape_passes_promtool(make_worker, kafka: Kafka, prefix: str) 
 
 def ingest_stream(worker: WorkerProcess, *args: str, json_output: bool = True) -> Any:
     return run_tool(worker, "ingest_stream.cli", *args, json_output=json_output)
+
+
+def _get(worker: WorkerProcess, path: str, token: str | None = None) -> tuple[int, Any]:
+    """GET, errors included: (status, decoded JSON body)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{worker.web_port}{path}")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def _post_webhook(worker: WorkerProcess, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    request = urllib.request.Request(f"http://127.0.0.1:{worker.web_port}/ingest/webhook", data=body,
+                                     method="POST", headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
 
 
 def _assert_rows(sinks: SinkReader, tenant: str, count: int) -> None:

@@ -1,10 +1,13 @@
 import pytest
 
 from ingest_stream.core.webhook import (
+    Caller,
     FramingError,
     Refusal,
+    Signed,
     TenantAuth,
     authenticate,
+    first_oversized,
     foreign_tenant,
     parse_auth,
     parse_records,
@@ -20,7 +23,7 @@ def check(tenant, headers, body=BODY, now=1000.0):
 
 
 def test_bearer_token_per_tenant():
-    assert check("acme", {"Authorization": "Bearer t-acme"}) is None
+    assert check("acme", {"Authorization": "Bearer t-acme"}) == Caller("acme", signed=None)
     assert check("acme", {"Authorization": "Bearer t-beta"}) is Refusal.UNAUTHORIZED
     assert check("beta", {"Authorization": "Bearer t-acme"}) is Refusal.UNAUTHORIZED  # beta has no token
     assert check("acme", {}) is Refusal.UNAUTHORIZED
@@ -30,13 +33,33 @@ def test_bearer_token_per_tenant():
 
 def test_hmac_signature_over_timestamp_and_body_within_the_replay_window():
     signed = {"X-Signature": sign("s-beta", "1000", BODY), "X-Signature-Timestamp": "1000"}
-    assert check("beta", signed) is None
-    assert check("beta", signed, now=1299) is None
+    # A signature is good until its timestamp + the window: the replay cache keeps it that long.
+    used = Caller("beta", Signed(f"beta\n{signed['X-Signature']}", expires_at_s=1300.0))
+    assert check("beta", signed) == used
+    assert check("beta", signed, now=1299) == used
+    assert check("beta", signed, now=1300) == used
+    assert check("beta", signed, now=700) == used  # a sender's clock ahead of ours, within the window
     assert check("beta", signed, now=1301) is Refusal.FORBIDDEN  # a replay, or a clock far off
+    assert check("beta", signed, now=699) is Refusal.FORBIDDEN
     assert check("beta", signed, body=BODY + b" ") is Refusal.UNAUTHORIZED  # body changed
     assert check("beta", {**signed, "X-Signature-Timestamp": "1001"}) is Refusal.UNAUTHORIZED
     assert check("beta", {**signed, "X-Signature": "sha256=00"}) is Refusal.UNAUTHORIZED
     assert check("acme", signed) is Refusal.UNAUTHORIZED  # acme has no secret
+
+
+@pytest.mark.parametrize("stamp", ["nan", "inf", "-inf", "soon"])
+def test_a_signed_timestamp_that_is_not_a_time_is_refused(stamp):
+    headers = {"X-Signature": sign("s-beta", stamp, BODY), "X-Signature-Timestamp": stamp}
+    assert isinstance(check("beta", headers), Refusal)
+
+
+def test_the_signatures_of_two_tenants_are_told_apart():
+    auth = {"a": TenantAuth(hmac_secret="same"), "b": TenantAuth(hmac_secret="same")}
+    headers = {"X-Signature": sign("same", "1000", BODY), "X-Signature-Timestamp": "1000"}
+    first, second = (authenticate(t, headers, BODY, auth, now_s=1000, window_s=300) for t in "ab")
+    assert isinstance(first, Caller) and isinstance(second, Caller)
+    assert first.signed is not None and second.signed is not None
+    assert first.signed.key != second.signed.key
 
 
 def test_auth_settings_are_parsed_and_checked():
@@ -73,3 +96,9 @@ def test_framing_errors_say_where(body, content_type, message):
 def test_records_of_another_tenant_are_found():
     assert foreign_tenant([{"tenant": "a"}, {"id": 1}], "a") is None  # no tenant: the caller's
     assert foreign_tenant([{"tenant": "a"}, {"tenant": "b"}], "a") == 1
+
+
+def test_the_first_message_over_the_producer_limit_is_found():
+    assert first_oversized([10, 100, 101, 500], limit=100) == 2
+    assert first_oversized([10, 100], limit=100) is None  # the limit itself fits
+    assert first_oversized([], limit=100) is None
