@@ -101,6 +101,8 @@ class Settings:
     sftp_sources: str = field(default="", repr=False)
     source_poll_interval_s: float = 10.0  # S3 and SFTP polling
     source_checkpoint_every: int = 500  # lines sent between checkpoints of a file
+    # content of one S3/SFTP file, gunzipped: past it the file is given up (a gzip bomb)
+    source_max_file_bytes: int = 4 * 2**30
     tenant_metrics_limit: int = 500  # distinct tenants labelled in metrics; later ones are "other"
     disabled_sources: tuple[str, ...] = ()  # isolated at start; /admin/sources/<s>/enable undoes it
     log_level: str = "info"

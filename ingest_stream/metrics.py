@@ -110,3 +110,8 @@ class Metrics:
         self.tenant_dlq = Counter(
             "ingest_tenant_dlq_total", "Dead letters per tenant (bounded), by reason.",
             ["tenant", "reason"], registry=r)
+        self.adapter_errors = Counter(
+            "ingest_adapter_errors_total",
+            "S3/SFTP lines not sent (reason tenant_mismatch, line_too_large) and files given up "
+            "(file_corrupt, file_too_large) or skipped until the next poll (file_error).",
+            ["source", "reason"], registry=r)

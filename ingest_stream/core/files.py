@@ -1,72 +1,228 @@
 """File-like sources (S3 objects, SFTP files) read as lines, resumably. Pure: what to do with a
-file given its checkpoint, and turning byte chunks into lines (gzip included)."""
+file given its checkpoint, turning byte chunks into lines (gzip included, every member), and what
+to do with each line.
+
+No file's content can stop a poll or another file:
+- a line longer than the record limit (`INGEST_MAX_RECORD_BYTES`) is never held whole nor sent: it
+  comes out as `LongLine` (its size only) and is refused, counted, at its line number;
+- a line naming another tenant than its location's is refused (`admit_line`): sent, it would
+  become that tenant's entity, and nothing downstream knows which tenant a bucket belongs to;
+- content that cannot be read on (a corrupt or truncated gzip stream, or more than
+  `INGEST_SOURCE_MAX_FILE_BYTES` once inflated: a gzip bomb) raises a `ContentError`: the file
+  is given up at that version, the lines before it stay sent.
+"""
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
+from typing import Any
 
 import orjson
+
+from ingest_stream.core.dlq import KEY_LIMIT_BYTES
+from ingest_stream.core.record import entity_key
+
+INFLATE_PIECE_BYTES = 256 * 1024  # gunzipped at most this much at a time, whatever a chunk holds
 
 
 @dataclass(frozen=True, slots=True)
 class FileCheckpoint:
     version: str  # S3 ETag, or SFTP size:mtime — changes when the content does
     size: int
-    lines: int  # lines already sent
+    lines: int  # lines already handled (sent, refused or blank)
     done: bool = False
     vanished: bool = False
+    failed: str | None = None  # given up at this version: the ContentError's reason
 
     def encode(self) -> bytes:
         return orjson.dumps(asdict(self))
 
     @classmethod
     def decode(cls, raw: bytes) -> FileCheckpoint:
-        return cls(**orjson.loads(raw))
+        """Fields this version does not know (written by a newer one) are ignored."""
+        data: dict[str, Any] = orjson.loads(raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class Plan(StrEnum):
     SKIP = "skip"  # done and unchanged
     READ = "read"  # from the checkpoint's line (0 for a new file)
-    RESTART = "restart"  # shrank or was replaced: from line 0 again
+    RESTART = "restart"  # replaced: from line 0 again
 
 
 def plan_for(checkpoint: FileCheckpoint | None, *, version: str, size: int) -> tuple[Plan, int]:
     """What to do with a file now: skip it, or read it from which line.
 
-    A file whose version changed and grew is taken as appended to: reading continues after the
-    lines already sent (JSONL producers append). One that shrank was replaced: read from the start
-    (the sinks' revision guard makes the repeats no-ops).
+    The checkpoint's lines apply only to the content they were counted in: the same version and
+    size (an S3 ETag; SFTP's size:mtime). Any other content is a replacement, even a larger one (an
+    append cannot be told from a rewrite by these): it is read from the start, and dedupe drops
+    the records sent before.
     """
     if checkpoint is None:
         return Plan.READ, 0
-    if checkpoint.version == version:
+    if checkpoint.version == version and checkpoint.size == size:
         return (Plan.SKIP, checkpoint.lines) if checkpoint.done else (Plan.READ, checkpoint.lines)
-    if size >= checkpoint.size:
-        return Plan.READ, checkpoint.lines
     return Plan.RESTART, 0
 
 
-async def read_lines(chunks: AsyncIterator[bytes], *, gzipped: bool) -> AsyncIterator[bytes]:
-    """Lines (without the newline) of a byte stream, gunzipped on the fly if asked. Blank lines
-    come out too (empty), so a line's number is the same on every read; the caller skips them."""
-    inflate = zlib.decompressobj(wbits=31) if gzipped else None
-    pending = b""
+class ContentError(ValueError):
+    """The file's content cannot be read on; reading it again fails the same way. `reason` is
+    its metric label."""
+
+    reason = "file_unreadable"
+
+
+class CorruptFile(ContentError):
+    reason = "file_corrupt"
+
+
+class FileTooLarge(ContentError):
+    reason = "file_too_large"
+
+
+class Inflater:
+    """Gunzip, every member: a gzip file may be several members end to end (`cat a.gz b.gz`, or
+    appended writes), read as one stream, with zero padding between or after them allowed (as
+    Python's gzip module does). Output comes in pieces of at most `piece` bytes, so a small chunk
+    of a gzip bomb never inflates all at once."""
+
+    def __init__(self, piece: int = INFLATE_PIECE_BYTES) -> None:
+        self._piece = piece
+        self._member = zlib.decompressobj(wbits=31)
+        self._in_member = False  # bytes of the current member were fed
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        while True:
+            if not self._in_member:
+                data = data.lstrip(b"\0")
+                if not data:
+                    return
+                self._in_member = True
+            try:
+                out = self._member.decompress(data, self._piece)
+            except zlib.error as error:
+                raise CorruptFile(f"gzip: {error}") from None
+            data = self._member.unconsumed_tail
+            if out:
+                yield out
+            if self._member.eof:  # the next member, if anything follows
+                data = self._member.unused_data  # holds the unconsumed rest at the end
+                self._member, self._in_member = zlib.decompressobj(wbits=31), False
+            elif not data and len(out) < self._piece:
+                return  # all taken, nothing held back
+
+    def finish(self) -> None:
+        if self._in_member:
+            raise CorruptFile("gzip: truncated (the last member has no end)")
+
+
+@dataclass(frozen=True, slots=True)
+class LongLine:
+    """A line over the limit: measured, not kept."""
+
+    size: int
+
+
+@dataclass(slots=True)
+class LineSplitter:
+    """Bytes in, lines out (without the newline, `\r` stripped). Blank lines come out too (empty),
+    so a line's number is the same on every read; the caller skips them. A line over `limit` is
+    not held: it comes out as `LongLine`."""
+
+    limit: int
+    _parts: list[bytes] = field(default_factory=list)
+    _size: int = 0
+
+    def feed(self, data: bytes) -> list[bytes | LongLine]:
+        *complete, rest = data.split(b"\n")
+        lines = []
+        for piece in complete:
+            self._add(piece)
+            lines.append(self._take())
+        self._add(rest)
+        return lines
+
+    def finish(self) -> list[bytes | LongLine]:
+        return [self._take()] if self._size else []
+
+    def _add(self, piece: bytes) -> None:
+        self._size += len(piece)
+        if self._size <= self.limit + 1:  # + 1: a "\r" before the newline
+            self._parts.append(piece)
+        else:
+            self._parts.clear()
+
+    def _take(self) -> bytes | LongLine:
+        line = b"".join(self._parts).rstrip(b"\r")
+        size, self._size = self._size, 0
+        self._parts.clear()
+        return line if len(line) <= self.limit and size <= self.limit + 1 else LongLine(size)
+
+
+async def read_lines(chunks: AsyncIterator[bytes], *, gzipped: bool, max_line_bytes: int,
+                     max_file_bytes: int) -> AsyncGenerator[bytes | LongLine, None]:
+    """The lines of a byte stream, gunzipped on the fly if asked (every member). Raises
+    `FileTooLarge` past `max_file_bytes` of content (inflated), `CorruptFile` on a bad gzip stream."""
+    splitter = LineSplitter(max_line_bytes)
+    inflater = Inflater() if gzipped else None
+    total = 0
     async for chunk in chunks:
-        data = inflate.decompress(chunk) if inflate else chunk
-        pending += data
-        *complete, pending = pending.split(b"\n")
-        for line in complete:
-            yield line.rstrip(b"\r")
-    if inflate:
-        pending += inflate.flush()
-        *complete, pending = pending.split(b"\n")
-        for line in complete:
-            yield line.rstrip(b"\r")
-    if pending.strip():
-        yield pending.rstrip(b"\r")
+        for data in inflater.feed(chunk) if inflater else (chunk,):
+            total += len(data)
+            if total > max_file_bytes:
+                raise FileTooLarge(f"over {max_file_bytes} bytes" + (" once inflated" if gzipped else ""))
+            for line in splitter.feed(data):
+                yield line
+    if inflater:
+        inflater.finish()
+    for line in splitter.finish():
+        yield line
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A line to send as it is, with its Kafka key (`tenant:id`, or None: the partitioner's)."""
+
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A line not to send. `reason` is its metric label."""
+
+    reason: str  # "tenant_mismatch" or "line_too_large"
+    detail: str
+
+
+def admit_line(line: bytes | LongLine, *, tenant: str) -> Outgoing | Refused:
+    """Whether a (non-blank) line of a location of `tenant` is sent, and under which key.
+
+    Like the webhook, which refuses a body naming another tenant (core/webhook.py), a record naming
+    another tenant is refused. Anything else goes as it is — not JSON, not an object, no tenant:
+    the processing stage dead-letters it like any bad record (orjson reads it there too, so a
+    record's tenant is the same for both).
+    """
+    if isinstance(line, LongLine):
+        return Refused("line_too_large", f"{line.size} bytes, over the record limit")
+    try:
+        document = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return Outgoing(None, line)
+    if not isinstance(document, dict):
+        return Outgoing(None, line)
+    named = document.get("tenant", tenant)
+    if named != tenant:
+        return Refused("tenant_mismatch", f"names tenant {str(named)[:80]!r}, the location is {tenant!r}")
+    record_id = document.get("id")
+    if not isinstance(record_id, str) or "tenant" not in document:
+        return Outgoing(None, line)
+    key = entity_key(tenant, record_id).encode()
+    return Outgoing(key if len(key) <= KEY_LIMIT_BYTES else None, line)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,17 @@
 """S3 source: list each configured bucket/prefix (paged, in key order), read JSONL objects
-(gzip when the key ends in .gz), feed their lines to `<prefix>.source.s3` through the feeder.
+(gzip when the key ends in .gz), feed their lines to `<prefix>.source.s3` through the feeder,
+which enforces the location's tenant (sources/feeder.py).
 
 An object is read at the version that was listed (If-Match on its ETag): one that changes
-meanwhile is left for the next poll, one that vanishes is remembered as such.
+meanwhile is left for the next poll, one that vanishes is remembered as such; an object replaced
+since it was read (another ETag) is read from the start. An object that cannot be read is logged
+and skipped until the next poll, a location that cannot be listed likewise: the others go on.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from aiobotocore.session import get_session
@@ -16,12 +19,16 @@ from botocore.exceptions import ClientError
 
 from ingest_stream.config import Settings
 from ingest_stream.core.files import S3Location, parse_locations
-from ingest_stream.sources.feeder import FileFeeder
+from ingest_stream.sources.feeder import FileFeeder, ProduceFailed
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 1024
 GONE = {"NoSuchKey", "404"}
 CHANGED = {"PreconditionFailed", "412"}
+
+
+class PollIncomplete(Exception):
+    """Some locations could not be listed; the others were polled."""
 
 
 class S3Source:
@@ -34,38 +41,59 @@ class S3Source:
         self.locations: Sequence[S3Location] = parse_locations(settings.s3_sources)
 
     async def poll(self) -> None:
-        """One pass over every location: new and unfinished objects are fed."""
+        """One pass over every location: new, unfinished and replaced objects are fed."""
         s = self._settings
+        failed: list[str] = []
         async with get_session().create_client(
                 "s3", endpoint_url=s.s3_endpoint_url, region_name=s.s3_region,
                 aws_access_key_id=s.s3_access_key_id, aws_secret_access_key=s.s3_secret_access_key) as client:
             backlog = 0
             for location in self.locations:
-                paginator = client.get_paginator("list_objects_v2")
-                async for page in paginator.paginate(Bucket=location.bucket, Prefix=location.prefix):
-                    for listed in page.get("Contents", []):
-                        key = listed["Key"]
-                        if key.endswith("/"):
-                            continue  # a "folder" marker
-                        name = f"s3://{location.bucket}/{key}"
-                        etag = str(listed["ETag"]).strip('"')
-                        before = self._feeder.checkpoints.get(name)
-                        if before is not None and before.done and before.version == etag:
-                            continue
-                        backlog += 1
-                        await self._feed(client, location.bucket, key, name, etag, int(listed["Size"]))
+                where = f"s3://{location.bucket}/{location.prefix}"
+                try:
+                    backlog += await self._poll_location(client, location)
+                except ProduceFailed:
+                    raise
+                except Exception as error:  # this location only; the next one is polled
+                    log.warning("%s (tenant %s) not polled: %s", where, location.tenant, error, exc_info=True)
+                    failed.append(f"{where}: {type(error).__name__}: {error}")
             self._health["backlog_files"] = backlog
+        if failed:
+            raise PollIncomplete("; ".join(failed))
 
-    async def _feed(self, client: Any, bucket: str, key: str, name: str, etag: str, size: int) -> None:
-        async def chunks() -> AsyncIterator[bytes]:
-            response = await client.get_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+    async def _poll_location(self, client: Any, location: S3Location) -> int:
+        backlog = 0
+        paginator = client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=location.bucket, Prefix=location.prefix):
+            for listed in page.get("Contents", []):
+                key = listed["Key"]
+                if key.endswith("/"):
+                    continue  # a "folder" marker
+                name = f"s3://{location.bucket}/{key}"
+                etag = str(listed["ETag"]).strip('"')
+                before = self._feeder.checkpoints.get(name)
+                if before is not None and before.done and before.version == etag:
+                    continue
+                backlog += 1
+                try:
+                    await self._feed(client, location, key, name, etag, int(listed["Size"]))
+                except ProduceFailed:
+                    raise
+                except Exception as error:  # this object only; the next one is read
+                    self._feeder.failed(name, error)
+        return backlog
+
+    async def _feed(self, client: Any, location: S3Location, key: str, name: str, etag: str,
+                    size: int) -> None:
+        async def chunks() -> AsyncGenerator[bytes, None]:
+            response = await client.get_object(Bucket=location.bucket, Key=key, IfMatch=f'"{etag}"')
             async with response["Body"] as body:
                 while chunk := await body.read(CHUNK_BYTES):
                     yield chunk
 
         try:
-            result = await self._feeder.feed(name, version=etag, size=size, chunks=chunks,
-                                             gzipped=key.endswith(".gz"))
+            result = await self._feeder.feed(name, tenant=location.tenant, version=etag, size=size,
+                                             chunks=chunks, gzipped=key.endswith(".gz"))
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code"))
             if code in GONE:

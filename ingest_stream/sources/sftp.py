@@ -1,22 +1,32 @@
 """SFTP source: poll configured directories (asyncssh), take each JSONL file (gzip when it ends in
 .gz) once it is complete — its size and mtime unchanged since the previous poll, or a marker file
-`<name><marker>` present — feed it through the feeder, then move it to `done_dir` if configured.
+`<name><marker>` present — feed it through the feeder (which enforces the location's tenant,
+sources/feeder.py), then move it to `done_dir` if configured.
+
+Names are read as bytes, as the server has them: a name that is not UTF-8 is read like any other
+and shown (in logs, headers and its checkpoint) with its odd bytes escaped (`\\xe9`). A file that
+cannot be read is logged and skipped until the next poll, a location that cannot be reached
+likewise: the others go on. A file changed since it was read (size or mtime) is read from the start.
 """
 
 from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import asyncssh
 
 from ingest_stream.core.files import SftpLocation
-from ingest_stream.sources.feeder import FileFeeder
+from ingest_stream.sources.feeder import FileFeeder, ProduceFailed
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 1024
+
+
+class PollIncomplete(Exception):
+    """Some locations could not be polled; the others were."""
 
 
 class SftpSource:
@@ -31,25 +41,38 @@ class SftpSource:
 
     async def poll(self) -> None:
         backlog = 0
+        failed: list[str] = []
         for location in self.locations:
-            async with asyncssh.connect(
-                    location.host, port=location.port, username=location.username, password=location.password,
-                    client_keys=[location.client_key] if location.client_key else None,
-                    known_hosts=location.known_hosts) as connection, connection.start_sftp_client() as sftp:
-                backlog += await self._poll_location(location, sftp)
+            try:
+                async with asyncssh.connect(
+                        location.host, port=location.port, username=location.username,
+                        password=location.password,
+                        client_keys=[location.client_key] if location.client_key else None,
+                        known_hosts=location.known_hosts) as connection, \
+                        connection.start_sftp_client() as sftp:
+                    backlog += await self._poll_location(location, sftp)
+            except ProduceFailed:
+                raise
+            except Exception as error:  # this location only; the next one is polled
+                log.warning("%s (tenant %s) not polled: %s", location.label, location.tenant, error,
+                            exc_info=True)
+                failed.append(f"{location.label}: {type(error).__name__}: {error}")
         self._health["backlog_files"] = backlog
+        if failed:
+            raise PollIncomplete("; ".join(failed))
 
     async def _poll_location(self, location: SftpLocation, sftp: asyncssh.SFTPClient) -> int:
-        names: dict[str, Any] = {_text(entry.filename): entry for entry in await sftp.readdir(location.path)
-                                 if entry.attrs.type == asyncssh.FILEXFER_TYPE_REGULAR}
+        directory = location.path.encode()
+        names: dict[bytes, Any] = {_raw(entry.filename): entry for entry in await sftp.readdir(directory)
+                                   if entry.attrs.type == asyncssh.FILEXFER_TYPE_REGULAR}
+        marker = location.marker.encode()
         waiting = 0
         for filename in sorted(names):
-            if location.complete == "marker" and filename.endswith(location.marker):
+            if location.complete == "marker" and filename.endswith(marker):
                 continue
             attrs = names[filename].attrs
             size, mtime = int(attrs.size or 0), int(attrs.mtime or 0)
-            path = posixpath.join(location.path, filename)
-            name = f"{location.label}/{filename}"
+            name = f"{location.label}/{shown(filename)}"
             version = f"{size}:{mtime}"
             before = self._feeder.checkpoints.get(name)
             if before is not None and before.done and before.version == version:
@@ -57,26 +80,33 @@ class SftpSource:
             if not self._complete(location, filename, names, name, (size, mtime)):
                 waiting += 1
                 continue
-            await self._feed(location, sftp, path, name, version, size)
+            try:
+                await self._feed(location, sftp, posixpath.join(directory, filename), name, version, size)
+            except ProduceFailed:
+                raise
+            except (asyncssh.DisconnectError, asyncssh.SFTPConnectionLost):
+                raise  # the connection is gone: so is every other file of this location
+            except Exception as error:  # this file only; the next one is read
+                self._feeder.failed(name, error)
         return waiting
 
-    def _complete(self, location: SftpLocation, filename: str, names: dict[str, Any], name: str,
+    def _complete(self, location: SftpLocation, filename: bytes, names: dict[bytes, Any], name: str,
                   state: tuple[int, int]) -> bool:
         if location.complete == "marker":
-            return filename + location.marker in names
+            return filename + location.marker.encode() in names
         previous, self._seen[name] = self._seen.get(name), state
         return previous == state
 
-    async def _feed(self, location: SftpLocation, sftp: asyncssh.SFTPClient, path: str, name: str,
+    async def _feed(self, location: SftpLocation, sftp: asyncssh.SFTPClient, path: bytes, name: str,
                     version: str, size: int) -> None:
-        async def chunks() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncGenerator[bytes, None]:
             async with sftp.open(path, "rb") as handle:
                 while chunk := await handle.read(CHUNK_BYTES):
                     yield chunk if isinstance(chunk, bytes) else chunk.encode()
 
         try:
-            result = await self._feeder.feed(name, version=version, size=size, chunks=chunks,
-                                             gzipped=path.endswith(".gz"))
+            result = await self._feeder.feed(name, tenant=location.tenant, version=version, size=size,
+                                             chunks=chunks, gzipped=path.endswith(b".gz"))
         except asyncssh.SFTPNoSuchFile:
             log.warning("%s vanished while being read", name)
             await self._feeder.vanished(name)
@@ -84,11 +114,17 @@ class SftpSource:
         if result.sent:
             log.info("%s: %d line(s) sent", name, result.sent)
         if location.done_dir:
-            target_dir = posixpath.join(location.path, location.done_dir)
+            target_dir = posixpath.join(location.path.encode(), location.done_dir.encode())
             if not await sftp.exists(target_dir):
                 await sftp.mkdir(target_dir)
             await sftp.rename(path, posixpath.join(target_dir, posixpath.basename(path)))
 
 
-def _text(name: str | bytes) -> str:
-    return name if isinstance(name, str) else name.decode("utf-8", "surrogateescape")
+def shown(filename: bytes) -> str:
+    """A file name as text: itself when it is UTF-8, else with its other bytes escaped (`\\xe9`)."""
+    return filename.decode("utf-8", "backslashreplace")
+
+
+def _raw(filename: bytes | str) -> bytes:
+    """A name as listed: bytes, since the directory was given as bytes (asyncssh decodes none)."""
+    return filename if isinstance(filename, bytes) else filename.encode("utf-8", "surrogateescape")

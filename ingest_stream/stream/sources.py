@@ -1,6 +1,8 @@
 """Source adapters wired into the worker: each configured adapter polls on a timer, on the leader
 only (one worker reads a bucket or a directory), with its health under `adapters` in
-/health/detailed and its records counted in `ingest_adapter_records_total{source}`."""
+/health/detailed (`last_file_error`: a file the last poll skipped or gave up), its records counted
+in `ingest_adapter_records_total{source}` and the lines and files it could not send in
+`ingest_adapter_errors_total{source, reason}` (sources/feeder.py)."""
 
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ def install_file_sources(app: faust.App, settings: Settings, sources: dict[str, 
 
     for source in wanted:
         health = controller.adapter_health.setdefault(source, {"last_poll_at": None, "last_error": None,
+                                                               "last_file_error": None,
                                                                "backlog_files": None})
         topic = sources[source]
         counter = metrics.adapter_records.labels(source)
@@ -69,23 +72,31 @@ def install_file_sources(app: faust.App, settings: Settings, sources: dict[str, 
                 return S3Source(settings, feeder, health)
             return SftpSource(sftp_locations, feeder, health, sftp_seen)
 
-        _poll_timer(app, settings, source, controller, health, store, send, counter, make)
+        def count_error(reason: str, source: str = source) -> None:
+            metrics.adapter_errors.labels(source, reason).inc()
+
+        _poll_timer(app, settings, source, controller, health, store, send, counter, count_error, make)
 
 
 def _poll_timer(app: faust.App, settings: Settings, source: str, controller: BackpressureController,
-                health: dict[str, Any], store: Any, send: Any, counter: Any, make: Any) -> None:
+                health: dict[str, Any], store: Any, send: Any, counter: Any, count_error: Any,
+                make: Any) -> None:
     async def poll_source() -> None:
         if source in controller.disabled or not controller.machine.fetching:
             return  # isolated, drained or paused: take nothing new in
         health["last_poll_at"] = format_rfc3339(datetime.now(UTC))
+        feeder: FileFeeder | None = None
         try:
             feeder = FileFeeder(send, await store(), every=settings.source_checkpoint_every,
-                                counted=counter.inc)
+                                counted=counter.inc, max_record_bytes=settings.max_record_bytes,
+                                max_file_bytes=settings.source_max_file_bytes, errors=count_error)
             await make(feeder).poll()
             health["last_error"] = None
         except Exception as error:  # a failed poll is reported and retried next interval
             health["last_error"] = f"{type(error).__name__}: {error}"[:300]
             log.warning("%s poll failed: %s", source, error, exc_info=True)
+        finally:  # a file this poll skipped or gave up, if any (the others went on)
+            health["last_file_error"] = feeder.last_error if feeder else None
 
     poll_source.__name__ = f"poll_{source}"
     app.timer(settings.source_poll_interval_s, on_leader=True)(poll_source)

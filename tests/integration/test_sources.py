@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -126,15 +127,20 @@ def lines_by_file(kafka: Kafka, topic: str) -> dict[str, list[int]]:
     return found
 
 
-def test_s3_objects_are_fed_resumed_exactly_after_a_kill_and_grown_objects_continue(
+def test_s3_objects_are_fed_resumed_exactly_after_a_kill_and_replaced_objects_read_again(
         kafka: Kafka, sinks: SinkReader, make_worker, prefix: str, s3_endpoint: str) -> None:
-    tenant, bucket = f"{prefix}-s3", f"in-{prefix}"
+    tenant, other, bucket = f"{prefix}-s3", f"{prefix}-other", f"in-{prefix}"
     client = s3_client(s3_endpoint)
     client.create_bucket(Bucket=bucket)
     big = 20_000
     client.put_object(Bucket=bucket, Key="acme/a.jsonl", Body=jsonl(tenant, "a", big))
     client.put_object(Bucket=bucket, Key="acme/b.jsonl.gz", Body=gzip.compress(jsonl(tenant, "b", 500)))
     client.put_object(Bucket=bucket, Key="acme/c.jsonl", Body=jsonl(tenant, "c", 10))
+    members = gzip.compress(jsonl(tenant, "d", 3)) + gzip.compress(jsonl(tenant, "d", 4, start=3))
+    client.put_object(Bucket=bucket, Key="acme/d.jsonl.gz", Body=members)  # two gzip members
+    # In this tenant's prefix: a record of another tenant, and a line over the record limit (1 MiB).
+    mixed = jsonl(tenant, "e", 1) + jsonl(other, "e", 1, start=1) + b'"' + b"x" * 1_500_000 + b'"\n'
+    client.put_object(Bucket=bucket, Key="acme/e.jsonl", Body=mixed + jsonl(tenant, "e", 1, start=2))
     client.put_object(Bucket=bucket, Key="other/x.jsonl", Body=jsonl(tenant, "x", 5))  # not configured
     kafka.create_topics(source_topics(prefix))
     worker: WorkerProcess = make_worker(
@@ -151,7 +157,7 @@ def test_s3_objects_are_fed_resumed_exactly_after_a_kill_and_grown_objects_conti
     sent_before_restart = sum(len(v) for v in lines_by_file(kafka, topic).values())
     assert sent_before_restart < big + 510, "the objects were done before the kill: proves nothing"
     worker.start()
-    total = big + 500 + 10
+    total = big + 500 + 10 + 7 + 2
     eventually(lambda: assert_equal(len(sinks.postgres([tenant])), total), timeout_s=240, interval_s=2,
                context=worker.log_tail)
 
@@ -162,16 +168,23 @@ def test_s3_objects_are_fed_resumed_exactly_after_a_kill_and_grown_objects_conti
     repeats = len(a) - big + len(b) - 500
     assert 0 <= repeats <= 200, repeats
     assert not any("other/" in name for name in sent)
+    assert sorted(sent[f"s3://{bucket}/acme/d.jsonl.gz"]) == list(range(1, 8))  # both members
+    assert sorted(sent[f"s3://{bucket}/acme/e.jsonl"]) == [1, 4]  # not the other tenant's, not the long one
+    assert sinks.postgres([other]) == {}
+    assert worker.metric("ingest_adapter_errors_total", source="s3", reason="tenant_mismatch") == 1
+    assert worker.metric("ingest_adapter_errors_total", source="s3", reason="line_too_large") == 1
     print(f"s3: {big + 500} lines across the kill, {repeats} sent twice (dedupe absorbed them: "
           f"{worker.metric('ingest_duplicates_total', source='s3'):.0f} duplicates counted)")
 
-    # An object that grew: only its new lines are sent.
+    # An object replaced by a larger one is read from its first line (an append cannot be told
+    # from a rewrite); dedupe drops the records sent before.
     client.put_object(Bucket=bucket, Key="acme/c.jsonl", Body=jsonl(tenant, "c", 15))
     eventually(lambda: assert_equal(len(sinks.postgres([tenant])), total + 5), timeout_s=60,
                context=worker.log_tail)
-    assert sorted(lines_by_file(kafka, topic)[f"s3://{bucket}/acme/c.jsonl"]) == list(range(1, 16))
+    assert sorted(lines_by_file(kafka, topic)[f"s3://{bucket}/acme/c.jsonl"]) == sorted(
+        [*range(1, 11), *range(1, 16)])
     health = worker.get_json("/health/detailed")["adapters"]["s3"]
-    assert health["last_poll_at"] and health["last_error"] is None
+    assert health["last_poll_at"] and health["last_error"] is None and health["last_file_error"] is None
 
 
 def _assert_at_least(value: float, minimum: float) -> None:
@@ -186,7 +199,11 @@ def test_sftp_files_are_taken_when_complete_resumed_after_a_kill_and_moved_when_
     marked.mkdir(parents=True)
     big = 10_000
     (stable / "a.jsonl").write_bytes(jsonl(tenant, "a", big).replace(b'"s3"', b'"sftp"'))
-    (stable / "b.jsonl.gz").write_bytes(gzip.compress(jsonl(tenant, "b", 300).replace(b'"s3"', b'"sftp"')))
+    b_lines = jsonl(tenant, "b", 300).replace(b'"s3"', b'"sftp"').splitlines(keepends=True)
+    (stable / "b.jsonl.gz").write_bytes(gzip.compress(b"".join(b_lines[:120])) + gzip.compress(
+        b"".join(b_lines[120:])))  # two gzip members
+    latin1 = os.fsdecode(b"caf\xe9.jsonl")  # a name that is not UTF-8
+    (stable / latin1).write_bytes(jsonl(tenant, "e", 5).replace(b'"s3"', b'"sftp"'))
     (marked / "d.jsonl").write_bytes(jsonl(tenant, "d", 7).replace(b'"s3"', b'"sftp"'))  # no marker yet
     common = {"tenant": tenant, "host": "127.0.0.1", "port": sftp_server.port,
               "username": sftp_server.username, "password": sftp_server.password}
@@ -203,19 +220,20 @@ def test_sftp_files_are_taken_when_complete_resumed_after_a_kill_and_moved_when_
     before_restart = sum(len(v) for v in lines_by_file(kafka, f"{prefix}.source.sftp").values())
     assert before_restart < big + 300, "the files were done before the kill: proves nothing"
     worker.start()
-    total = big + 300
+    total = big + 300 + 5
     eventually(lambda: assert_equal(len(sinks.postgres([tenant])), total), timeout_s=240, interval_s=2,
                context=worker.log_tail)
     sent = lines_by_file(kafka, f"{prefix}.source.sftp")
     label = f"sftp://{sftp_server.username}@127.0.0.1:{sftp_server.port}/{prefix}"
     a, b = sent[f"{label}/incoming/a.jsonl"], sent[f"{label}/incoming/b.jsonl.gz"]
     assert set(a) == set(range(1, big + 1)) and set(b) == set(range(1, 301))
+    assert sorted(sent[f"{label}/incoming/caf\\xe9.jsonl"]) == [1, 2, 3, 4, 5]  # any partition order
     repeats = len(a) - big + len(b) - 300
     assert 0 <= repeats <= 200, repeats
     print(f"sftp: {total} lines across the kill, {repeats} sent twice")
     # Done files were moved away; the unmarked file waited, and goes once its marker appears.
     eventually(lambda: assert_equal(sorted(p.name for p in (stable / "processed").iterdir()),
-                                     ["a.jsonl", "b.jsonl.gz"]), timeout_s=30)
+                                     ["a.jsonl", "b.jsonl.gz", latin1]), timeout_s=30)
     assert f"{label}/drop/d.jsonl" not in sent
     (marked / "d.jsonl.done").write_bytes(b"")
     eventually(lambda: assert_equal(len(sinks.postgres([tenant])), total + 7), timeout_s=60,
