@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from aiokafka.errors import KafkaError
 
@@ -28,7 +28,7 @@ from ingest_stream.ops.dead_letters import (
     verify_archive,
 )
 from ingest_stream.ops.kafka_io import ToolError
-from ingest_stream.ops.output import format_table, run_command, write_json
+from ingest_stream.ops.output import format_table, printable, run_command, write_json
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
             write_json(result, out)
         else:
             verdict = "OK" if result["ok"] else f"FAILED: {result['problem']}"
-            print(f"{result['archive']}: {verdict} ({result['records']} records)", file=out)
+            print(printable(f"{result['archive']}: {verdict} ({result['records']} records)"), file=out)
         return 0 if result["ok"] else 1
     settings = Settings.from_env()
     store = DeadLetterStore(settings)
@@ -128,22 +128,8 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
                            producer_header=args.producer_header)
         if args.json:
             write_json(analysis, out)
-            return 0
-        print(f"{analysis['total']} dead letter(s)", file=out)
-        for entry in analysis["reasons"]:
-            kind = "retryable" if entry["retryable"] else "not retryable"
-            print(f"\n{entry['reason']}: {entry['count']} ({kind})", file=out)
-            for error in entry["top_errors"]:
-                print(f"  {error['count']:>6}  {error['pattern']}", file=out)
-            for name in ("stages", "sources", "origin_topics", "producers", "tenants"):
-                print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in entry[name].items()), file=out)
-            print(f"  suggested: {entry['suggested_action']}", file=out)
-        histogram = analysis["histogram"]
-        if histogram["counts"]:
-            print(f"\nfailures per {histogram['bucket']}:", file=out)
-            peak = max(histogram["counts"].values())
-            for bucket, count in histogram["counts"].items():
-                print(f"  {bucket}  {count:>6}  {'#' * max(1, round(40 * count / peak))}", file=out)
+        else:
+            print_analysis(analysis, out)
         return 0
     if args.command == "export":
         if args.output is None:
@@ -190,14 +176,8 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         letters = await sample(store, selection, limit=args.limit, full=args.full)
         if args.json:
             write_json(letters, out)
-            return 0
-        for letter in letters:
-            print(f"--- {letter['id']} [{letter['status']}] key={letter['key']}", file=out)
-            for name, value in letter["headers"].items():
-                print(f"  {name}: {value}", file=out)
-            print(f"  value: {letter['value']}", file=out)
-        if not letters:
-            print("no dead letters match", file=out)
+        else:
+            print_samples(letters, out)
         return 0
     show = _progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else (lambda r: None)
     report = await redrive(store, selection, force=args.force, dry_run=args.dry_run, limit=args.limit,
@@ -208,10 +188,53 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
     else:
         verb = "would send" if report.dry_run else "sent"
         print(f"\n{report.redrive_id}: {verb} {result['sent']}, parked {report.parked}, "
-              f"skipped {report.not_retryable} not retryable (use --force)", file=out)
+              f"skipped {report.not_retryable} not retryable (use --force), "
+              f"refused {report.refused}", file=out)
         for topic, count in sorted(report.sent.items()):
-            print(f"  {topic}: {count}", file=out)
+            print(f"  {printable(topic)}: {count}", file=out)
+        if report.refused:
+            print(f"refused (not sent, left open; --force does not change this), "
+                  f"{len(report.refusals)} of {report.refused} shown:", file=out)
+            for refusal in report.refusals:
+                print(f"  {refusal['id']}: {printable(refusal['problem'])}", file=out)
     return 0
+
+
+def print_samples(letters: list[dict[str, Any]], out: TextIO) -> None:
+    """Dead letters for a terminal: everything from the record escaped (`printable`)."""
+    for letter in letters:
+        print(f"--- {letter['id']} [{letter['status']}] key={printable(letter['key'])}", file=out)
+        truncated = letter["truncated"]
+        if truncated is not None and "garbled" in truncated:
+            print(f"  TRUNCATED? {printable(truncated['garbled'])}", file=out)
+        elif truncated is not None:
+            print(f"  TRUNCATED: the value is the first {truncated['prefix_bytes']} of "
+                  f"{truncated['original_bytes']} bytes (sha256 {truncated['sha256']}); the whole "
+                  f"record is at {printable(truncated['original_at'])}", file=out)
+        for name, value in letter["headers"].items():
+            print(f"  {printable(name)}: {printable(value)}", file=out)
+        print(f"  value: {printable(letter['value'])}", file=out)
+    if not letters:
+        print("no dead letters match", file=out)
+
+
+def print_analysis(analysis: dict[str, Any], out: TextIO) -> None:
+    print(f"{analysis['total']} dead letter(s)", file=out)
+    for entry in analysis["reasons"]:
+        kind = "retryable" if entry["retryable"] else "not retryable"
+        print(f"\n{entry['reason']}: {entry['count']} ({kind})", file=out)
+        for error in entry["top_errors"]:
+            print(f"  {error['count']:>6}  {printable(error['pattern'])}", file=out)
+        for name in ("stages", "sources", "origin_topics", "producers", "tenants"):
+            print(f"  {name}: " + ", ".join(f"{printable(k)} {v}" for k, v in entry[name].items()),
+                  file=out)
+        print(f"  suggested: {entry['suggested_action']}", file=out)
+    histogram = analysis["histogram"]
+    if histogram["counts"]:
+        print(f"\nfailures per {histogram['bucket']}:", file=out)
+        peak = max(histogram["counts"].values())
+        for bucket, count in histogram["counts"].items():
+            print(f"  {bucket}  {count:>6}  {'#' * max(1, round(40 * count / peak))}", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ from ingest_stream.core.dlq import DlqEnvelope, Position, failure_headers, heade
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.triage import (
     DeadLetter,
+    RedrivePolicy,
+    RedriveTargets,
     Selection,
     Status,
     StatusEntry,
@@ -17,6 +19,8 @@ from ingest_stream.core.triage import (
 
 WHEN = datetime(2026, 1, 10, tzinfo=UTC)
 SOURCE = Position("ingest.source.kafka", 1, 40)
+TARGETS = RedriveTargets(sources=frozenset({"ingest.source.kafka", "ingest.source.webhook"}),
+                         sinks={s: f"ingest.sink.{s}" for s in ("postgres", "neo4j", "typesense")})
 
 
 def letter(reason=Reason.CONNECTION_ERROR, stage=Stage.SINK_TYPESENSE, *, tenant="acme-corp",
@@ -31,7 +35,9 @@ def letter(reason=Reason.CONNECTION_ERROR, stage=Stage.SINK_TYPESENSE, *, tenant
 
 
 def test_a_sink_failure_is_redriven_to_that_sink_only_with_lineage_headers():
-    out = redrive_message(letter(), "rd-1")
+    decision = redrive_verdict(letter(), RedrivePolicy(TARGETS))
+    assert (decision.verdict, decision.topic) == (Verdict.SEND, "ingest.sink.typesense")
+    out = redrive_message(letter(), "rd-1", decision.topic)
     assert out.topic == "ingest.sink.typesense"
     assert (out.key, out.value) == (b"acme-corp:doc-1", b'{"id": "doc-1"}')
     assert not any(k.startswith("dlq.") for k, _ in out.headers)
@@ -42,14 +48,15 @@ def test_a_sink_failure_is_redriven_to_that_sink_only_with_lineage_headers():
 
 
 def test_a_processing_failure_is_redriven_to_its_source_topic():
-    out = redrive_message(letter(Reason.VALIDATION_FAIL, Stage.VALIDATE), "rd-1")
-    assert out.topic == "ingest.source.kafka"
+    failed = letter(Reason.VALIDATION_FAIL, Stage.VALIDATE)
+    decision = redrive_verdict(failed, RedrivePolicy(TARGETS, force=True))
+    assert (decision.verdict, decision.topic) == (Verdict.SEND, "ingest.source.kafka")
 
 
 def test_the_redrive_count_grows_and_replaces_the_previous_lineage():
     again = letter(extra=[("ingest.redrive", b"2"), ("ingest.redrive.id", b"rd-0")])
     assert again.redrives == 2
-    out = redrive_message(again, "rd-9")
+    out = redrive_message(again, "rd-9", "ingest.sink.typesense")
     assert [v for k, v in out.headers if k == "ingest.redrive"] == [b"3"]
     assert [v for k, v in out.headers if k == "ingest.redrive.id"] == [b"rd-9"]
 
@@ -64,7 +71,8 @@ def test_the_redrive_count_grows_and_replaces_the_previous_lineage():
 ])
 def test_redrive_verdict(reason, force, redrives, verdict):
     extra = [("ingest.redrive", str(redrives).encode())] if redrives else []
-    assert redrive_verdict(letter(reason, extra=extra), force=force, max_redrives=3) is verdict
+    policy = RedrivePolicy(TARGETS, force=force, max_redrives=3)
+    assert redrive_verdict(letter(reason, extra=extra), policy).verdict is verdict
 
 
 def test_selection_filters_on_every_field():
