@@ -15,7 +15,7 @@ from typing import Any
 
 from tests.dataset import v2
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, bytes | None]]
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,11 @@ BUILDERS: dict[str, Callable[[Context], Hostile]] = {
     "binary_header_values": lambda c: _lands(
         "binary_header_values", c, v2(c.tenant, c.record_id, 2),
         headers=[("x-binary", c.rng.randbytes(32)), ("dlq.reason", b"\x00\xff")]),
+    "null_header_value": lambda c: _lands("null_header_value", c, v2(c.tenant, c.record_id, 2),
+                                          headers=[("x-null", None), ("ingest.origin.topic", None)]),
+    "null_header_on_a_rejected_record": lambda c: _dead(
+        "null_header_on_a_rejected_record", c, b"{nope", "SCHEMA_DRIFT", "decode",
+        headers=[("x-null", None), ("ingest.redrive", None)]),
     "max_revision": lambda c: _lands("max_revision", c, v2(c.tenant, c.record_id, 2**63 - 1)),
     "nul_character": lambda c: _dead("nul_character", c, _dumps(v2(c.tenant, c.record_id, 1,
                                      attributes={"t": "a\u0000b"})), "VALIDATION_FAIL", "validate"),

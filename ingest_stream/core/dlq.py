@@ -16,7 +16,7 @@ from datetime import datetime
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.timefmt import format_rfc3339, parse_rfc3339
 
-Headers = Sequence[tuple[str, bytes]]
+Headers = Sequence[tuple[str, bytes]]  # a value may also be None: Kafka allows a null header value
 
 DLQ_PREFIX = "dlq."
 ORIGIN_PREFIX = "ingest.origin."
@@ -117,11 +117,11 @@ def reprocessed(headers: Headers) -> bool:
 
 def header_value(headers: Headers, name: str) -> str | None:
     """The last value of a header, decoded (invalid UTF-8 replaced), or None."""
-    value = None
+    value: bytes | None = None
     for key, raw in headers:
         if key == name:
-            value = raw
-    return bytes(value).decode("utf-8", "replace") if value is not None else None
+            value = raw or b""
+    return None if value is None else bytes(value or b"").decode("utf-8", "replace")
 
 
 def _truncate_utf8(text: str, limit: int) -> bytes:
@@ -188,7 +188,7 @@ def _capped(headers: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], 
 
 def headers_size(headers: Headers) -> int:
     """Bytes the headers take in a Kafka record (names as UTF-8, with their framing)."""
-    return sum(len(k.encode("utf-8", "surrogateescape")) + len(v) + HEADER_OVERHEAD_BYTES
+    return sum(len(k.encode("utf-8", "surrogateescape")) + len(v or b"") + HEADER_OVERHEAD_BYTES
                for k, v in headers)
 
 

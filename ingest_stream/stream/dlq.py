@@ -72,7 +72,7 @@ class DeadLetters:
         tenant = identity.get("tenant")
         self._metrics.dlq.labels(reason.value, stage.value).inc()
         self._metrics.tenant_dlq.labels(self._metrics.tenant(tenant, valid=record_valid), reason.value).inc()
-        log.warning("dlq %s[%d]@%d tenant=%r id=%r reason=%s stage=%s: %s",
+        log.warning("dlq %s[%d]@%d tenant=%r id=%r reason=%s stage=%s: %r",  # %r: no raw control chars
                     here.topic, here.partition, here.offset, tenant and tenant[:64],
                     identity.get("id", "")[:64] or None, reason.value, stage.value, error[:300])
         letter_headers = failure_headers(headers, reason=reason, stage=stage, error=error,
@@ -106,6 +106,6 @@ class DeadLetters:
     def _count_unexpected(self, event: EventT[Any], stage: Stage, error_type: str, error: str,
                           exc: Exception | None = None) -> None:
         self._metrics.unexpected_errors.labels(stage.value, error_type).inc()
-        log.error("unexpected %s dead-lettered from %s[%d]@%d at %s: %s (a bug: please report it)",
+        log.error("unexpected %s dead-lettered from %s[%d]@%d at %s: %r (a bug: please report it)",
                   error_type, event.message.topic, event.message.partition, event.message.offset,
                   stage.value, error[:300], exc_info=exc)

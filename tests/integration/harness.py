@@ -307,7 +307,7 @@ class Kafka:
 
 
 def headers_of(message: Any) -> dict[str, str]:
-    return {k: v.decode("utf-8", "replace") for k, v in (message.headers() or [])}
+    return {k: (v or b"").decode("utf-8", "replace") for k, v in (message.headers() or [])}
 
 
 # --- the sinks -------------------------------------------------------------------------------
