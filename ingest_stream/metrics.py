@@ -64,6 +64,10 @@ class Metrics:
             ["sink"], buckets=BATCH_BUCKETS_S, registry=r)
         self.retries = Counter(
             "ingest_retry_total", "Sink operation retries.", ["sink", "reason"], registry=r)
+        self.sink_splits = Counter(
+            "ingest_sink_splits_total",
+            "Failing sink batches split to find the records that fail on their own: done (the sink "
+            "took the rest) or stopped (the sink looked down).", ["sink", "result"], registry=r)
         self.circuit_state = Gauge(
             "ingest_circuit_state", "Circuit breaker state per sink: 0 closed, 1 half-open, 2 open.",
             ["sink"], registry=r)

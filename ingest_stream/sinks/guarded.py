@@ -238,6 +238,12 @@ class GuardedSink:
         self._report_state()
         return error
 
+    @property
+    def busy(self) -> bool:
+        """Waiting out a failing sink, or splitting a batch (each failing part may take the whole
+        timeout): working, not stalled, for the stall watchdog."""
+        return self.retrying or self.splitting
+
     def _count_failure(self) -> None:
         self.consecutive_failures += 1
         self.breaker.record_failure(self._clock())
@@ -467,6 +473,7 @@ class GuardedSink:
 
     def _log_split(self, split: _Split, size: int) -> None:
         failed = split.outcome.failed
+        self._metrics.sink_splits.labels(self.name, "stopped" if split.stopped else "done").inc()
         own = _listing([f"{_where(w)} {e.reason.value}" for w, e, _ in failed])
         if split.stopped is None:
             log.warning("sink %s: split of %d record(s) done in %d call(s): %d written or skipped, "

@@ -57,7 +57,7 @@ def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
             key = f"{tp.topic}[{tp.partition}]"
             positions[key] = Progress(committed=committed, acked=done, end=end)
             sink = sinks_by_topic.get(tp.topic)
-            if (sink is not None and sink.retrying) or tp.topic in on_hold:
+            if (sink is not None and sink.busy) or tp.topic in on_hold:
                 busy.add(key)
         stalled = detector.observe(clock(), positions, busy)
         if stalled:

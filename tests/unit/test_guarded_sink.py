@@ -229,7 +229,9 @@ async def test_a_record_that_always_times_out_fails_alone_and_the_rest_is_writte
     # per level down to the bad record, its own attempt
     assert sink.calls <= 2 + 1 + 1 + 2 * 9 + 1
     assert guard.breaker.state(time.now) is CircuitState.CLOSED
-    assert not guard.retrying
+    assert not guard.retrying and not guard.busy
+    assert guard._metrics.registry.get_sample_value(
+        "ingest_sink_splits_total", {"sink": "memory", "result": "done"}) == 1.0
     text = caplog.text  # what an operator reads at 3 a.m.
     assert "a batch of 500 record(s) keeps failing" in text
     assert "t:r137 (ingest.sink.memory[0]@137) fails on its own" in text
@@ -328,6 +330,8 @@ async def test_a_down_sink_under_hold_is_waited_out_with_a_bounded_split_per_att
     # per period: about 2 + 4 calls, then 4 per open period, not hundreds
     assert sink.calls <= 40 + 2 * 9 + 2
     assert time.now >= 30.0  # it waited out the open circuit
+    assert metrics.registry.get_sample_value(
+        "ingest_sink_splits_total", {"sink": "memory", "result": "stopped"}) >= 1.0
 
 
 async def test_a_down_sink_under_dlq_fails_the_batch_after_the_attempts_in_few_calls():

@@ -28,7 +28,7 @@ def _install(retrying: bool, source_end: int = 50):
     exits: list[int] = []
     timers = []
     app = SimpleNamespace(consumer=FakeConsumer(source_end), timer=lambda interval: timers.append)
-    sink = SimpleNamespace(retrying=retrying)
+    sink = SimpleNamespace(busy=retrying)
     check = install_watchdog(app, Settings(stall_timeout_s=30), consumed={"src", "sink"},
                              sinks_by_topic={"sink": sink}, acked={}, clock=lambda: now[0],
                              exit_now=exits.append)
