@@ -53,6 +53,11 @@ class Sink(Protocol):
         Raises `SinkError` (classified by exception type) on failure.
         """
 
+    async def probe_write(self) -> None:
+        """A small idempotent write outside the records (a heartbeat row, node or document): it
+        succeeds when the sink takes writes now. Tells a record that fails on its own from an
+        outage when the record is all there is to write (GuardedSink's split)."""
+
 
 Classifier = Callable[[BaseException], SinkError | None]
 

@@ -162,7 +162,7 @@ class GuardedSink:
         attempt = 0
         while True:
             attempt += 1
-            if error is not None and len(pending) > 1 and attempt >= self._split_from:
+            if error is not None and attempt >= self._split_from:
                 shut = self._admit()
                 if shut is None:
                     split = await self._split(pending, attempt, error)
@@ -345,10 +345,28 @@ class GuardedSink:
             failed = await self._try(split, units[key])
             if failed is not None:
                 await self._narrow(split, units[key], failed)
+        if not split.alive and await self._takes_a_probe_write(split):
+            self._answered(split)  # the records tried fail on their own: the sink takes writes
         if not split.alive:
-            raise _SplitStopped(f"no record was written on its own ({len(tried)} tried): the sink "
-                                "looks down")
+            raise _SplitStopped(f"no record was written on its own ({len(tried)} tried), nor the "
+                                "sink's probe: the sink looks down")
         return [w for w in writes if w.key not in tried]
+
+    async def _takes_a_probe_write(self, split: _Split) -> bool:
+        """The sink's own small write (`Sink.probe_write`), when no record of the batch could be
+        written: it tells a batch of only bad records (one alone, say) from a sink that takes
+        no writes. Only an open circuit stops it."""
+        if self._admit(part_of_split=True) is not None:
+            return False
+        split.calls += 1
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self.sink.probe_write()
+        except (SinkError, TimeoutError) as error:
+            log.warning("sink %s: the probe write failed too (%s)", self.name, error)
+            return False
+        log.warning("sink %s: the probe write went through: the sink takes writes", self.name)
+        return True
 
     async def _bisect(self, split: _Split, part: list[Write]) -> None:
         """`part` failed as a whole: try its halves, then look into those that fail."""

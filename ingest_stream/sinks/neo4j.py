@@ -63,6 +63,9 @@ _SCHEMA = {
 }
 
 
+_PROBE = "MERGE (p:IngestSinkProbe {name: 'ingest-stream'}) SET p.probed_at = timestamp()"
+
+
 class Neo4jSink:
     name = "neo4j"
 
@@ -105,6 +108,10 @@ class Neo4jSink:
         if self._driver is None:
             raise SinkError(self.name, Reason.CONNECTION_ERROR, "not open")
         return self._driver
+
+    async def probe_write(self) -> None:
+        with translated_errors(_classify, "neo4j"):
+            await self.driver.execute_query(_PROBE)
 
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
         found: dict[str, Version] = {}

@@ -43,6 +43,12 @@ JOIN unnest($1::text[], $2::text[]) AS k(tenant, id) ON r.tenant = k.tenant AND 
 """
 
 
+_PROBE = """
+INSERT INTO ingest_sink_probe (name) VALUES ('ingest-stream')
+ON CONFLICT (name) DO UPDATE SET probed_at = now()
+"""
+
+
 class PostgresSink:
     name = "postgres"
 
@@ -70,6 +76,10 @@ class PostgresSink:
         if self._pool is None:
             raise SinkError(self.name, Reason.CONNECTION_ERROR, "not open")
         return self._pool
+
+    async def probe_write(self) -> None:
+        with translated_errors(_classify, "postgres"):
+            await self.pool.execute(_PROBE)
 
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
         tenants, ids = zip(*(split_entity_key(k) for k in keys), strict=True) if keys else ((), ())

@@ -9,6 +9,7 @@ revisions stay rejected after a delete.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ _classify = classifier("typesense")
 
 COLLECTION = "ingest_records"
 TOMBSTONES = "ingest_records_tombstones"
+PROBE = "ingest_sink_probe"  # one document, rewritten by probe_write
 TEXT_LIMIT = 32_768
 _IDS_PER_FILTER = 100  # multi_search (POST) keeps large id filters off the URL
 _SEARCHES_PER_REQUEST = 50  # the server's default `limit_multi_searches`
@@ -62,6 +64,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
             {"name": "origin_offset", "type": "int64", "optional": True, "index": False},
         ],
     },
+    PROBE: {"name": PROBE, "fields": [{"name": "probed_at", "type": "int64"}]},
 }
 
 
@@ -115,6 +118,11 @@ class TypesenseSink:
     async def open(self) -> None:
         with self._errors():
             await self._ensure_collections()
+
+    async def probe_write(self) -> None:
+        with self._errors():
+            document = {"id": "ingest-stream", "probed_at": int(time.time() * 1000)}
+            await self._client.collections[PROBE].documents.upsert(document)  # type: ignore[arg-type]
 
     async def _ensure_collections(self) -> None:
         for name, schema in _SCHEMAS.items():

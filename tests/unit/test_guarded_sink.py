@@ -37,6 +37,7 @@ class MemorySink:
         self.writes_down = 0  # fail this many writes with CONNECTION_ERROR (reads still answer)
         self.after_write: Callable[[], None] = lambda: None
         self.written: list[list[str]] = []  # the keys of each successful write, in order
+        self.probes = 0
         self._clock = clock
 
     async def open(self) -> None: ...
@@ -51,6 +52,19 @@ class MemorySink:
             self.down -= 1
             raise SinkError(self.name, Reason.CONNECTION_ERROR, "refused")
         return {k: self.held[k] for k in keys if k in self.held}
+
+    async def probe_write(self) -> None:
+        """Fails as a write of no record would: the sink is down, hung or takes no writes."""
+        self.calls += 1
+        self.probes += 1
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.down:
+            self.down -= 1
+            raise SinkError(self.name, Reason.CONNECTION_ERROR, "refused")
+        if self.writes_down:
+            self.writes_down -= 1
+            raise SinkError(self.name, Reason.CONNECTION_ERROR, "read-only")
 
     async def write(self, writes: Sequence[Write]) -> None:
         keys = [w.key for w in writes]
@@ -132,10 +146,10 @@ async def test_dlq_policy_fails_the_batch_after_the_attempts_with_the_last_reaso
     assert outcome.applied == []
     assert [(w.key, e.reason, n) for w, e, n in outcome.failed] == [
         ("t:a", Reason.CIRCUIT_OPEN, 4), ("t:b", Reason.CIRCUIT_OPEN, 4)]
-    # two whole attempts, then the third splits: each record on its own fails too (no part was
-    # written: the sink is down, nothing is dead-lettered as a record's own failure) and the
-    # circuit opens; the fourth attempt finds it open
-    assert sink.calls == 4
+    # two whole attempts, then the third splits: each record on its own fails too, and so does
+    # the sink's probe write (nothing was written: the sink is down, nothing is dead-lettered as a
+    # record's own failure) and the circuit opens; the fourth attempt finds it open
+    assert sink.calls == 5 and sink.probes == 1
     assert all(e.retryable for _, e, _ in outcome.failed)
 
 
@@ -154,7 +168,9 @@ async def test_a_hung_sink_times_out_and_is_retried_then_dead_lettered():
     sink.hang = True
     outcome = await guarded(sink, time, policy="dlq", timeout_s=0.01).apply(writes(("a", 1)))
     assert [(e.reason, n) for _, e, n in outcome.failed] == [(Reason.CIRCUIT_OPEN, 4)]
-    assert sink.calls == 3  # three timeouts (SINK_TIMEOUT), then the circuit was open
+    # two whole attempts time out; the third splits: the record alone and the probe write time out
+    # too (the sink is down, not the record), the circuit opens; the fourth finds it open
+    assert sink.calls == 4 and sink.probes == 1
 
 
 async def test_revision_rule_applies_through_the_guard():
@@ -169,7 +185,7 @@ async def test_revision_rule_applies_through_the_guard():
 @pytest.mark.parametrize("policy", ["hold", "dlq"])
 async def test_circuit_state_is_exported(policy):
     sink, time = MemorySink(), FakeTime()
-    sink.down = 3
+    sink.down = 4  # two whole attempts, then the split's record alone and its probe write
     guard = guarded(sink, time, policy=policy)
     metrics = guard._metrics
     await guard.apply(writes(("a", 1)))
@@ -492,3 +508,24 @@ async def test_one_entitys_writes_are_split_in_batch_order():
         (1, Reason.CONSTRAINT_VIOLATION), (2, Reason.CONSTRAINT_VIOLATION),
         (3, Reason.CONSTRAINT_VIOLATION), (4, Reason.CONSTRAINT_VIOLATION)]
     assert accounted_once(outcome, sent)
+
+
+async def test_a_lone_record_that_always_times_out_is_dead_lettered_once_the_probe_write_goes_through():
+    """Alone in its batch (a quiet stream), a bad record has no sibling to show the sink up: the
+    sink's own probe write does, and the record fails alone instead of holding the sink forever."""
+    sink, time = MemorySink(), FakeTime()
+    sink.bad = {"t:a": Reason.SINK_TIMEOUT}
+    guard = guarded(sink, time, policy="hold")
+    outcome = await guard.apply(writes(("a", 1)))
+    assert failures(outcome) == [("t:a", Reason.SINK_TIMEOUT)]
+    assert sink.probes == 1 and outcome.applied == []
+    assert guard.breaker.state(time.now) is CircuitState.CLOSED  # a record's failure, not the sink's
+
+
+async def test_a_lone_record_on_a_sink_that_takes_no_writes_is_held_not_dead_lettered():
+    sink, time = MemorySink(), FakeTime()
+    sink.writes_down = 12  # reads answer, writes (the probe's too) fail, then the sink recovers
+    guard = guarded(sink, time, policy="hold")
+    outcome = await guard.apply(writes(("a", 1)))
+    assert outcome.failed == [] and [w.key for w in outcome.applied] == ["t:a"]
+    assert sink.probes >= 1 and sink.writes_down == 0
