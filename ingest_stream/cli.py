@@ -10,6 +10,8 @@ from pathlib import Path
 
 import orjson
 
+from ingest_stream import record_reader
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ingest-stream", description=__doc__)
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    record_reader.install()  # every command that reads Kafka: no record's header names stop it
     parser = build_parser()
     args = parser.parse_args(argv)
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+from aiokafka.record.util import calc_crc32c
 
 from tests.dataset import v2
 
@@ -171,3 +175,26 @@ def build(kind: str, c: Context) -> Hostile:
 def entity_of(h: Hostile) -> tuple[str, str] | None:
     """(tenant, id) of a landing record."""
     return (h.record["tenant"], h.record["id"]) if h.record is not None else None
+
+
+# --- raw record batches: what no client library lets a test produce ----------------------------
+CRC_AT, CRC_FROM = 17, 21  # the v2 batch header: where the CRC-32C is, and what it covers
+
+
+def batch(*records: tuple[bytes, list[tuple[str, bytes | None]]], base_offset: int = 0) -> bytes:
+    builder = _DefaultRecordBatchBuilderPy(magic=2, compression_type=0, is_transactional=0,
+                                           producer_id=-1, producer_epoch=-1, base_sequence=-1,
+                                           batch_size=1 << 20)
+    for delta, (value, headers) in enumerate(records):
+        builder.append(delta, timestamp=1_700_000_000_000, key=b"k", value=value, headers=headers)
+    raw = bytearray(builder.build())
+    struct.pack_into(">q", raw, 0, base_offset)
+    return bytes(raw)
+
+
+def with_header_name_bytes(raw: bytes, placeholder: bytes, replacement: bytes) -> bytes:
+    """The batch with a header name's bytes replaced (same length) and its CRC made right again:
+    what a producer that writes names that are not UTF-8 puts on the wire."""
+    patched = bytearray(raw.replace(placeholder, replacement, 1))
+    struct.pack_into(">I", patched, CRC_AT, calc_crc32c(bytes(patched[CRC_FROM:])))
+    return bytes(patched)

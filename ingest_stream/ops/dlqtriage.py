@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from aiokafka.errors import KafkaError
 
+from ingest_stream import record_reader
 from ingest_stream.config import Settings
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.triage import DEFAULT_MAX_REDRIVES, Selection, Status, analyze
@@ -238,6 +239,7 @@ def print_analysis(analysis: dict[str, Any], out: TextIO) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    record_reader.install()  # a letter whose header names are not UTF-8 must not stop the tool
     args = build_parser().parse_args(argv)
     return run_command("dlqtriage", lambda: run(args, sys.stdout), errors=(ToolError, KafkaError, OSError),
                        interrupted="statuses of what was acknowledged are saved")

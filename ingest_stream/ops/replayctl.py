@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from aiokafka.errors import KafkaError
 
+from ingest_stream import record_reader
 from ingest_stream.config import SOURCES, Settings
 from ingest_stream.core.replay import PlanError, ReplayPlan
 from ingest_stream.core.timefmt import epoch_ms, format_rfc3339
@@ -163,6 +164,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    record_reader.install()  # a record whose header names are not UTF-8 must not stop a replay
     args = build_parser().parse_args(argv)
     return run_command("replayctl", lambda: run(args, sys.stdout),
                        errors=(PlanError, ToolError, KafkaError, OSError),

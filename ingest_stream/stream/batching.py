@@ -69,6 +69,8 @@ from faust.types.transports import TransportT
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
+from ingest_stream import record_reader
+
 
 class SeekTaggedRecords(dict[TP, list[Any]]):
     """One fetch's records, with each partition's seek count at the moment the fetch returned."""
@@ -99,6 +101,7 @@ class IngestConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         self.seeks: dict[TP, Seek] = {}  # read from the main thread: entries are replaced whole
 
     def _create_worker_consumer(self, transport: Any) -> Any:
+        record_reader.install()  # no record's header names can stop the fetcher
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", 1500)  # read at start()
         return consumer

@@ -5,10 +5,15 @@ and nothing reaches a topic the records name in forged headers."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 from collections import Counter
 
-from tests.hostile import CLASSES, Context, Hostile, build, good
+from aiokafka import AIOKafkaProducer
+
+from tests.dataset import v2
+from tests.hostile import CLASSES, Context, Hostile, batch, build, good, with_header_name_bytes
 from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_equal, eventually, headers_of
 from tests.integration.test_pipeline import source_topics
 
@@ -76,3 +81,39 @@ def kafka_topics(kafka: Kafka) -> set[str]:
     from confluent_kafka.admin import AdminClient
 
     return set(AdminClient({"bootstrap.servers": kafka.bootstrap}).list_topics(timeout=10).topics)
+
+
+def test_a_header_name_that_is_not_utf8_does_not_stop_the_consumer(
+        kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
+    """aiokafka's reader raises on such a name, for the whole fetch: the worker stopped on it after
+    every restart. Read leniently, both records of the batch land."""
+    tenant = f"{prefix}-acme"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker()
+    worker.start()
+    worker.supervise(restart_on=())
+    first, second = v2(tenant, "named-oddly", 1), v2(tenant, "after-it", 1)
+    raw = with_header_name_bytes(batch((json.dumps(first).encode(), [("ZZ", b"v")]),
+                                       (json.dumps(second).encode(), [])), b"ZZ", b"\xff\xfe")
+    asyncio.run(send_raw_batch(kafka.bootstrap, f"{prefix}.source.kafka", raw))
+    expected = {(tenant, "named-oddly"): 1, (tenant, "after-it"): 1}
+
+    def landed() -> None:
+        assert worker.exits == [], f"the worker exited: {worker.exits}"
+        assert_equal({k: v["revision"] for k, v in sinks.postgres([tenant]).items()}, expected, "postgres")
+        assert_equal(sinks.search_documents([tenant]), expected, "search")
+
+    eventually(landed, timeout_s=120, context=worker.log_tail)
+
+
+async def send_raw_batch(bootstrap: str, topic: str, raw: bytes) -> None:
+    """Send a record batch's bytes as they are (aiokafka's batch API, its built buffer replaced)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        carrier = producer.create_batch()
+        carrier.append(key=None, value=b"placeholder", timestamp=None)
+        carrier._buffer = raw
+        await (await producer.send_batch(carrier, topic, partition=0))
+    finally:
+        await producer.stop()
