@@ -78,10 +78,12 @@ def read_origin(headers: Headers, *, topics: Collection[str] | None = None) -> P
         topic = found["topic"]
         partition = _bounded_int(found["partition"], _MAX_INT32)
         offset = _bounded_int(found["offset"], _MAX_INT64)
-        timestamp = found.get("timestamp")
-        timestamp_ms = _bounded_int(timestamp, _MAX_INT64) if timestamp is not None else None
     except (KeyError, ValueError):
         return None
+    try:  # the timestamp is only informative: a malformed one is left out, the position kept
+        timestamp_ms: int | None = _bounded_int(found["timestamp"], _MAX_INT64)
+    except (KeyError, ValueError):
+        timestamp_ms = None
     if not _TOPIC_NAME.match(topic) or (topics is not None and topic not in topics):
         return None
     return Position(topic, partition, offset, timestamp_ms)
@@ -145,7 +147,9 @@ def failure_headers(
 ) -> list[tuple[str, bytes]]:
     """The original headers (minus any earlier `dlq.*` ones, within the caps) plus this failure's
     `dlq.*` headers."""
-    headers, dropped = _capped([(k, v) for k, v in original if not k.startswith(DLQ_PREFIX)])
+    # The origin is the letter's own `dlq.origin.*` (trusted_origin); `ingest.origin.*` headers
+    # copied along could be a producer's, and a redrive would carry them back in.
+    headers, dropped = _capped([(k, v) for k, v in without_origin(original) if not k.startswith(DLQ_PREFIX)])
     added = {
         "reason": reason.value,
         "retryable": "true" if reason.retryable else "false",

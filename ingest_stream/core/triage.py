@@ -30,6 +30,8 @@ from ingest_stream.core.dlq import (
     Headers,
     Position,
     header_value,
+    origin_headers,
+    without_origin,
 )
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.timefmt import format_rfc3339
@@ -283,9 +285,10 @@ def redrive_message(letter: DeadLetter, redrive_id: str, topic: str, *, original
     say which redrive sent it and how many times it has been redriven."""
     if original is None and _may_be_prefix(letter):
         raise ValueError(f"letter {letter.id} may hold only a prefix of its value: send the original")
-    headers = [(k, v) for k, v in letter.headers
+    headers = [(k, v) for k, v in without_origin(letter.headers)
                if not k.startswith(DLQ_PREFIX) and k not in (REDRIVE_HEADER, REDRIVE_ID_HEADER)]
     headers += [(REDRIVE_HEADER, str(letter.redrives + 1).encode()), (REDRIVE_ID_HEADER, redrive_id.encode())]
+    headers += origin_headers(letter.envelope.origin)  # where it entered: the letter's, never a producer's
     return Outgoing(topic, letter.key, original if original is not None else letter.value, headers)
 
 

@@ -19,7 +19,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ingest_stream.config import Settings
-from ingest_stream.core.dlq import REPLAY_HEADER
+from ingest_stream.core.dlq import REPLAY_HEADER, without_origin
 from ingest_stream.core.replay import PlanError, PlanStatus, ReplayPlan, new_plan, record_tenant
 from ingest_stream.core.timefmt import format_rfc3339
 from ingest_stream.core.tokenbucket import TokenBucket
@@ -207,7 +207,8 @@ class Runner:
                     if record_tenant(record.value) != plan.tenant:
                         continue
                     await asyncio.sleep(bucket.reserve(time.monotonic()))
-                    headers = [(k, bytes(v)) for k, v in record.headers if k != REPLAY_HEADER] + [header]
+                    headers = [(k, bytes(v or b"")) for k, v in without_origin(record.headers)
+                               if k != REPLAY_HEADER] + [header]
                     await producer.send(topic, key=record.key, value=record.value, partition=tp.partition,
                                         headers=headers)
                     replayed += 1

@@ -34,8 +34,9 @@ def headers_of(event: EventT[Any]) -> list[tuple[str, bytes]]:
 
 def position_of(event: EventT[Any]) -> Position:
     message = event.message
+    timestamp_ms = int(message.timestamp * 1000) if message.timestamp else -1
     return Position(message.topic, message.partition, message.offset,
-                    int(message.timestamp * 1000) if message.timestamp else None)
+                    timestamp_ms if timestamp_ms >= 0 else None)  # -1: the record has none
 
 
 class DeadLetters:

@@ -146,6 +146,12 @@ def test_an_origin_is_read_only_when_well_formed_and_ours(headers, expected):
     assert read_origin(headers, topics=SOURCE_TOPICS) == expected
 
 
+def test_a_malformed_origin_timestamp_is_left_out_and_the_position_kept():
+    headers = [("ingest.origin.topic", b"ingest.source.s3"), ("ingest.origin.partition", b"1"),
+               ("ingest.origin.offset", b"9"), ("ingest.origin.timestamp", b"-1")]
+    assert read_origin(headers, topics=SOURCE_TOPICS) == Position("ingest.source.s3", 1, 9, None)
+
+
 def test_a_redriven_record_keeps_its_origin_a_fresh_one_gets_its_own_position():
     origin = [("ingest.origin.topic", b"ingest.source.s3"), ("ingest.origin.partition", b"1"),
               ("ingest.origin.offset", b"9")]

@@ -2,7 +2,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ingest_stream.core.dlq import DlqEnvelope, Position, failure_headers, header_value
+from ingest_stream.core.dlq import DlqEnvelope, Position, failure_headers, header_value, read_origin
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.triage import (
     DeadLetter,
@@ -181,3 +181,15 @@ def test_a_letter_document_keeps_the_exact_bytes():
     assert doc["value"] == '{"id": "doc-1"}'
     assert ["traceparent", base64.b64encode(b"00-1").decode()] in doc["headers"]
     assert (doc["reason"], doc["stage"], doc["status"]) == ("CONNECTION_ERROR", "sink.typesense", "open")
+
+
+def test_a_forged_origin_is_not_laundered_through_a_letter_and_its_redrive():
+    """A producer's ingest.origin.* headers are not copied into the letter, and a redrive sends
+    the letter's own origin (where the record entered), never theirs."""
+    forged = [("ingest.origin.topic", b"ingest.source.webhook"), ("ingest.origin.partition", b"0"),
+              ("ingest.origin.offset", b"9223372036854775807")]
+    bad = letter(Reason.SCHEMA_DRIFT, Stage.VALIDATE, extra=forged)
+    assert header_value(bad.headers, "ingest.origin.offset") is None
+    out = redrive_message(bad, "rd-1", "ingest.source.kafka")
+    assert read_origin(out.headers) == SOURCE
+    assert [k for k, _ in out.headers].count("ingest.origin.offset") == 1
