@@ -21,6 +21,10 @@ SOURCES = ("kafka", "webhook", "s3", "sftp")
 FAILURE_POLICIES = ("hold", "dlq")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MESSAGE_ENVELOPE_BYTES = 64 * 1024  # headers and key beside a record's value (core/dlq.py caps them)
+# What any Kafka broker takes with its defaults (message.max.bytes 1048588; the Java producer's
+# max.request.size 1048576): a dead letter stays within it even where the DLQ topic was created
+# before this version, or by other tooling, without our max.message.bytes.
+DEFAULT_KAFKA_MESSAGE_BYTES = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +163,12 @@ class Settings:
         """The largest record this app produces: a record of the size limit and its headers (a
         dead letter's, capped in core/dlq.py). The producer and every topic it declares allow it."""
         return self.max_record_bytes + MESSAGE_ENVELOPE_BYTES
+
+    @property
+    def max_letter_bytes(self) -> int:
+        """The largest dead letter: within any broker's defaults (a larger value is cut to a
+        prefix, flagged; the whole record stays at its origin)."""
+        return min(self.max_message_bytes, DEFAULT_KAFKA_MESSAGE_BYTES)
 
     # --- topic names (contract §3) ---------------------------------------------------------
     def source_topic(self, source: str) -> str:

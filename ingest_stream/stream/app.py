@@ -123,7 +123,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         settings.schema_dir, max_record_bytes=settings.max_record_bytes)
     source_topics = frozenset(settings.source_topic(source) for source in SOURCES)
     dead_letters = DeadLetters(topics.dlq, metrics, clock=lambda: datetime.now(UTC),
-                               source_topics=source_topics, max_letter_bytes=settings.max_message_bytes)
+                               source_topics=source_topics, max_letter_bytes=settings.max_letter_bytes)
     backoff = BackoffPolicy(base_s=settings.sink_retry_base_s, cap_s=settings.sink_retry_cap_s,
                             max_attempts=settings.sink_retry_attempts)
     breaker_policy = BreakerPolicy(

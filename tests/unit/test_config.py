@@ -55,3 +55,11 @@ def test_tenant_labels_are_bounded():
 
     label = TenantLabel(limit=2)
     assert [label(t) for t in ("a", "b", "c", "a", None)] == ["a", "b", OTHER_TENANTS, "a", OTHER_TENANTS]
+
+
+def test_a_dead_letter_fits_any_broker_default_whatever_the_record_limit():
+    from ingest_stream.config import DEFAULT_KAFKA_MESSAGE_BYTES, MESSAGE_ENVELOPE_BYTES
+
+    assert Settings(max_record_bytes=1_048_576).max_letter_bytes == DEFAULT_KAFKA_MESSAGE_BYTES
+    assert Settings(max_record_bytes=16_384).max_letter_bytes == 16_384 + MESSAGE_ENVELOPE_BYTES
+    assert Settings(max_record_bytes=1_048_576).max_message_bytes == 1_048_576 + MESSAGE_ENVELOPE_BYTES
