@@ -30,6 +30,10 @@ SPLIT_AFTER_FAILURES = 2  # a batch that failed this many attempts is split on i
 # on); a rate limit or an open circuit says the sink wants fewer calls, not smaller ones.
 SPLIT_REASONS = frozenset({Reason.SINK_TIMEOUT, Reason.CONNECTION_ERROR})
 LOGGED_KEYS = 20  # records named in one log line of a split
+# Under `hold`, a batch of one entity that fails alone while the sink's probe write goes through is
+# dead-lettered only after this many such rounds: the probe writes elsewhere, so a lock on the
+# records alone (an index built without CONCURRENTLY) looks the same for a while.
+LONE_ENTITY_ROUNDS = 3
 
 
 @dataclass
@@ -130,6 +134,7 @@ class GuardedSink:
         self._before_write: OlderHandler | None = None
         self._handed_over: set[int] = set()  # id() of the writes `before_write` received
         self._planned: set[int] = set()  # id() of the writes the last call's plan was to write
+        self._lone_rounds = 0  # rounds a batch of one entity failed alone while the probe went through
         self.consecutive_failures = 0
         self.last_error: SinkError | None = None
         self.last_error_at: float | None = None  # time.time()
@@ -154,6 +159,7 @@ class GuardedSink:
             self._before_write = None
             self._handed_over = set()
             self._planned = set()
+            self._lone_rounds = 0
 
     async def _apply(self, writes: Sequence[Write]) -> BatchOutcome:
         done = BatchOutcome()
@@ -345,11 +351,16 @@ class GuardedSink:
             failed = await self._try(split, units[key])
             if failed is not None:
                 await self._narrow(split, units[key], failed)
-        if not split.alive and await self._takes_a_probe_write(split):
-            self._answered(split)  # the records tried fail on their own: the sink takes writes
+        if not split.alive and len(units) == 1 and await self._takes_a_probe_write(split):
+            self._lone_rounds += 1  # nothing else to write: the sink's own write tells
+            if self._failure_policy == "hold" and self._lone_rounds < LONE_ENTITY_ROUNDS:
+                raise _SplitStopped(f"{next(iter(units))} fails alone while the sink's probe "
+                                    f"write goes through (round {self._lone_rounds} of "
+                                    f"{LONE_ENTITY_ROUNDS} before it is dead-lettered)")
+            self._answered(split)  # the record fails on its own: the sink takes writes
         if not split.alive:
-            raise _SplitStopped(f"no record was written on its own ({len(tried)} tried), nor the "
-                                "sink's probe: the sink looks down")
+            raise _SplitStopped(f"no record was written on its own ({len(tried)} tried"
+                                f"{', nor the probe write' if len(units) == 1 else ''}): the sink looks down")
         return [w for w in writes if w.key not in tried]
 
     async def _takes_a_probe_write(self, split: _Split) -> bool:
@@ -416,9 +427,9 @@ class GuardedSink:
             if not split.alive:
                 raise _SplitStopped(f"{split.dark} parts failed and none was written: the sink "
                                     "looks down")
-            if not await self._answers_a_read(split, part[0]):
+            if not await self._takes_a_probe_write(split):
                 raise _SplitStopped(f"{split.dark} parts failed in a row and the sink no longer "
-                                    "answers a read: it looks down now")
+                                    "takes its probe write: it looks down now")
             split.dark = 0  # it answers: these are records' failures
         return result
 
@@ -437,16 +448,6 @@ class GuardedSink:
         split.attempt += 1
         self.retrying = True
         await self._sleep(delay)
-
-    async def _answers_a_read(self, split: _Split, write: Write) -> bool:
-        """After many part failures in a row: has the sink gone down since it last wrote?"""
-        split.calls += 1
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await self.sink.current_revisions([write.key])
-        except (SinkError, TimeoutError):
-            return False
-        return True
 
     async def _confirm(self, split: _Split) -> None:
         """The sink is up: one more attempt of each suspect on its own, so a blip does not

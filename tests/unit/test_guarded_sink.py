@@ -15,7 +15,7 @@ from ingest_stream.core.revision import Version
 from ingest_stream.errors import SinkError
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Write
-from ingest_stream.sinks.guarded import BatchOutcome, GuardedSink
+from ingest_stream.sinks.guarded import LONE_ENTITY_ROUNDS, BatchOutcome, GuardedSink
 from tests.dataset import v2
 
 
@@ -146,10 +146,10 @@ async def test_dlq_policy_fails_the_batch_after_the_attempts_with_the_last_reaso
     assert outcome.applied == []
     assert [(w.key, e.reason, n) for w, e, n in outcome.failed] == [
         ("t:a", Reason.CIRCUIT_OPEN, 4), ("t:b", Reason.CIRCUIT_OPEN, 4)]
-    # two whole attempts, then the third splits: each record on its own fails too, and so does
-    # the sink's probe write (nothing was written: the sink is down, nothing is dead-lettered as a
-    # record's own failure) and the circuit opens; the fourth attempt finds it open
-    assert sink.calls == 5 and sink.probes == 1
+    # two whole attempts, then the third splits: each record on its own fails too (nothing was
+    # written: the sink is down, nothing is dead-lettered as a record's own failure) and the
+    # circuit opens; the fourth attempt finds it open. Two entities: no probe write.
+    assert sink.calls == 4 and sink.probes == 0
     assert all(e.retryable for _, e, _ in outcome.failed)
 
 
@@ -518,7 +518,7 @@ async def test_a_lone_record_that_always_times_out_is_dead_lettered_once_the_pro
     guard = guarded(sink, time, policy="hold")
     outcome = await guard.apply(writes(("a", 1)))
     assert failures(outcome) == [("t:a", Reason.SINK_TIMEOUT)]
-    assert sink.probes == 1 and outcome.applied == []
+    assert sink.probes == LONE_ENTITY_ROUNDS and outcome.applied == []  # a lock looks alike a while
     assert guard.breaker.state(time.now) is CircuitState.CLOSED  # a record's failure, not the sink's
 
 
@@ -529,3 +529,21 @@ async def test_a_lone_record_on_a_sink_that_takes_no_writes_is_held_not_dead_let
     outcome = await guard.apply(writes(("a", 1)))
     assert outcome.failed == [] and [w.key for w in outcome.applied] == ["t:a"]
     assert sink.probes >= 1 and sink.writes_down == 0
+
+
+async def test_records_that_all_fail_while_the_probe_write_goes_through_are_held_under_hold():
+    """A lock on the records alone (the probe writes elsewhere): under hold, nothing is dead-
+    lettered; the batch is written once the lock is gone."""
+    time = FakeTime()
+    sink = MemorySink(time.clock)
+    sent = batch(40)
+    sink.bad_until = {w.key: 120.0 for w in sent}
+    outcome = await guarded(sink, time, policy="hold", breaker=PRODUCTION_BREAKER).apply(sent)
+    assert outcome.failed == [] and len(outcome.applied) == 40 and time.now >= 120.0
+
+
+async def test_a_lone_record_under_dlq_is_dead_lettered_after_one_round():
+    sink, time = MemorySink(), FakeTime()
+    sink.bad = {"t:a": Reason.CONNECTION_ERROR}
+    outcome = await guarded(sink, time, policy="dlq").apply(writes(("a", 1)))
+    assert failures(outcome) == [("t:a", Reason.CONNECTION_ERROR)] and sink.probes == 1
