@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+import orjson
+
 from ingest_stream.core.dlq import (
     ORIGINAL_HEADERS_LIMIT_BYTES,
     Headers,
@@ -48,3 +50,17 @@ def admit(validator: RecordValidator, value: bytes | None, headers: Headers, *, 
     origin = trusted_origin(headers, here, source_topics)
     return Forward(verdict.record, verdict.encoded, [*without_origin(headers), *origin_headers(origin)],
                    reprocessed(headers))
+
+
+# A record every version of the schema accepts (upcast as needed): run through the same path when a
+# whole batch failed unexpectedly, it tells a broken pipeline from a batch of hostile records.
+CANARY = orjson.dumps({"schema_version": 2, "tenant": "canary", "source": "kafka", "id": "canary",
+                       "revision": 0, "event_time": "2000-01-01T00:00:00Z", "kind": "Canary",
+                       "attributes": {}})
+
+
+def canary_passes(validator: RecordValidator, *, here: Position, source_topics: Collection[str]) -> bool:
+    try:
+        return isinstance(admit(validator, CANARY, [], here=here, source_topics=source_topics), Forward)
+    except Exception:  # the canary is the question whether this path raises
+        return False

@@ -366,15 +366,19 @@ class GuardedSink:
     async def _takes_a_probe_write(self, split: _Split) -> bool:
         """The sink's own small write (`Sink.probe_write`), when no record of the batch could be
         written: it tells a batch of only bad records (one alone, say) from a sink that takes
-        no writes. Only an open circuit stops it."""
+        no writes."""
+        split.calls += 1
+        return await self.takes_writes()
+
+    async def takes_writes(self) -> bool:
+        """Whether the sink's probe write goes through now (an open circuit: no)."""
         if self._admit(part_of_split=True) is not None:
             return False
-        split.calls += 1
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self.sink.probe_write()
         except (SinkError, TimeoutError) as error:
-            log.warning("sink %s: the probe write failed too (%s)", self.name, error)
+            log.warning("sink %s: the probe write failed (%s)", self.name, error)
             return False
         log.warning("sink %s: the probe write went through: the sink takes writes", self.name)
         return True

@@ -4,7 +4,8 @@ Sink topics carry records the processing agent validated, but anything can be wr
 each value is checked again (the compiled fast path, microseconds), and the per-record work runs
 under one guard (`_write_of`), so a foreign record is dead-lettered instead of crashing the worker
 on every restart. A record the sink itself refuses comes back in `outcome.failed` (GuardedSink
-isolates it); if every record of a batch failed unexpectedly, the worker stops (core/guard.py).
+isolates it); if every record of a batch failed unexpectedly and so does a canary, the worker
+stops before publishing anything (core/guard.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 
 from faust.types import EventT
 
+from ingest_stream.core.admission import CANARY
 from ingest_stream.core.dlq import REPLAY_HEADER, header_value, read_origin, reprocessed
-from ingest_stream.core.guard import check_batch
+from ingest_stream.core.guard import broken, looks_broken
 from ingest_stream.core.reasons import Reason, Stage
-from ingest_stream.core.schemas import RecordValidator, Rejected
+from ingest_stream.core.schemas import Accepted, RecordValidator, Rejected
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Write
@@ -49,17 +51,15 @@ class SinkProcessor:
         deliveries: list[Awaitable[object]] = []
         writes: list[Write] = []
         event_of: dict[int, EventT[Any]] = {}
-        unexpected = 0
+        rejected: list[tuple[EventT[Any], Rejected | Exception]] = []  # published after the batch check
         for event in events:
             try:
                 write = self._write_of(event)
             except Exception as exc:  # the per-record guard: a bug met by one record stops nothing
-                unexpected += 1
-                deliveries.append(await self._dead_letters.unexpected(event, exc, stage=self.stage))
+                rejected.append((event, exc))
                 continue
             if isinstance(write, Rejected):  # not written by us: a foreign producer
-                unexpected += write.unexpected is not None
-                deliveries.append(await self._dead_letters.reject(event, write, stage=self.stage))
+                rejected.append((event, write))
                 continue
             writes.append(write)
             event_of[id(write)] = event
@@ -82,8 +82,14 @@ class SinkProcessor:
         async with self._gate.sink_slots:  # bounded sink concurrency across the sink agents
             outcome = await self.sink.apply(writes, before_write=dead_letter_older)
 
+        unexpected = sum(isinstance(r, Exception) or r.unexpected is not None for _, r in rejected)
         unexpected += sum(error.unexpected is not None for _, error, _ in outcome.failed)
-        check_batch(unexpected, len(events), where=f"sink-{self.sink.name}")
+        if looks_broken(unexpected, len(events)) and not await self._canary_passes():
+            raise broken(f"sink-{self.sink.name}", len(events))
+        for event, rejection in rejected:
+            deliveries.append(await (self._dead_letters.unexpected(event, rejection, stage=self.stage)
+                                     if isinstance(rejection, Exception)
+                                     else self._dead_letters.reject(event, rejection, stage=self.stage)))
         outcome.skipped += [w for w in outcome.older if w.replayed]
         outcome.older = [w for w in outcome.older if not w.replayed]
         for write, error, attempts in outcome.failed:
@@ -109,6 +115,10 @@ class SinkProcessor:
         if outcome.applied:
             self._metrics.last_sink_commit.labels(self.sink.name).set(time.time())
 
+
+    async def _canary_passes(self) -> bool:
+        """A known-good record validates here and the sink takes its probe write (core/guard.py)."""
+        return isinstance(self._validator.check(CANARY), Accepted) and await self.sink.takes_writes()
 
     def _write_of(self, event: EventT[Any]) -> Write | Rejected:
         """Pure per-record work: whatever it raises is this record's failure (`process`)."""

@@ -24,8 +24,8 @@ from faust.types import EventT
 
 from ingest_stream.config import Settings
 from ingest_stream.core import dedupe
-from ingest_stream.core.admission import Forward, admit
-from ingest_stream.core.guard import check_batch
+from ingest_stream.core.admission import Forward, admit, canary_passes
+from ingest_stream.core.guard import broken, looks_broken
 from ingest_stream.core.reasons import Stage
 from ingest_stream.core.record import entity_key
 from ingest_stream.core.schemas import RecordValidator, Rejected
@@ -83,19 +83,15 @@ class SourceProcessor:
         seen_keys = BatchedTableWrites(self._tables.dedupe)
         checkpoint_writes = BatchedTableWrites(self._tables.checkpoints)
         counted: Counter[tuple[str, str]] = Counter()  # (tenant, outcome): the metrics, once per batch
-        unexpected = 0
+        rejected: list[tuple[EventT[Any], Rejected | Exception]] = []  # published after the batch check
         for event in events:
             try:
                 accepted = self._accept(event)
             except Exception as exc:  # the per-record guard: a bug met by one record stops nothing
-                unexpected += 1
-                self._rejected.inc()
-                deliveries.append(await self._dead_letters.unexpected(event, exc, stage=Stage.VALIDATE))
+                rejected.append((event, exc))
                 continue
             if isinstance(accepted, Rejected):
-                unexpected += accepted.unexpected is not None
-                self._rejected.inc()
-                deliveries.append(await self._dead_letters.reject(event, accepted))
+                rejected.append((event, accepted))
                 continue
             record = accepted.record
             if not self._gate.keeps(self.source, record["priority"]):
@@ -112,7 +108,14 @@ class SourceProcessor:
             previous = checkpoints.get(checkpoint)
             event_ms = epoch_ms(record["event_time"])
             checkpoints[checkpoint] = (event, max(event_ms, previous[1] if previous else event_ms))
-        check_batch(unexpected, len(events), where=f"process-{self.source}")
+        if looks_broken(sum(_unexpected(r) for _, r in rejected), len(events)) and not canary_passes(
+                self._validator, here=position_of(events[0]), source_topics=self._source_topics):
+            raise broken(f"process-{self.source}", len(events))
+        for event, rejection in rejected:
+            self._rejected.inc()
+            deliveries.append(await (self._dead_letters.unexpected(event, rejection, stage=Stage.VALIDATE)
+                                     if isinstance(rejection, Exception)
+                                     else self._dead_letters.reject(event, rejection)))
         self._count(counted)
         self._write_checkpoints(checkpoints, checkpoint_writes, now_ms)
         await seen_keys.add_to(batches)
@@ -168,3 +171,7 @@ class SourceProcessor:
                 "topic": event.message.topic, "partition": event.message.partition,
                 "offset": event.message.offset, "event_time_ms": event_ms, "updated_at_ms": now_ms,
             }).decode())
+
+
+def _unexpected(rejection: Rejected | Exception) -> bool:
+    return isinstance(rejection, Exception) or rejection.unexpected is not None
