@@ -3,7 +3,9 @@
 Pure and total: for any value and headers it returns, never raises (the wiring's guard catches
 what a bug might still raise). The checks past the schema's are the ones the sinks need: the
 record re-encodes within the limit (`RecordValidator`), its headers fit beside it, and the
-`ingest.origin.*` headers it travels with are ours, never a producer's (`trusted_origin`).
+`ingest.origin.*` headers it travels with are ours, never a producer's (`trusted_origin`). A line
+of a file adapter is also held to its location's tenant, and a line too long to send (an empty
+stand-in, flagged) is dead-lettered (core/files.py).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from ingest_stream.core.dlq import (
     ORIGINAL_HEADERS_LIMIT_BYTES,
     Headers,
     Position,
+    header_value,
     headers_size,
     origin_headers,
     reprocessed,
     trusted_origin,
     without_origin,
 )
+from ingest_stream.core.files import ADAPTER_LINE_BYTES_HEADER, ADAPTER_TENANT_HEADER
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.record import Record
 from ingest_stream.core.schemas import RecordValidator, Rejected, identity_of
@@ -40,9 +44,19 @@ class Forward:
 
 def admit(validator: RecordValidator, value: bytes | None, headers: Headers, *, here: Position,
           source_topics: Collection[str]) -> Forward | Rejected:
+    line_bytes = header_value(headers, ADAPTER_LINE_BYTES_HEADER)
+    if line_bytes is not None:  # a file adapter's stand-in for a line too long to send
+        error = (f"$: the line is {line_bytes[:20]} bytes; the limit is {validator.max_record_bytes} "
+                 "(it stays in its file: ingest.adapter.file, ingest.adapter.line)")
+        return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error)
     verdict = validator.check(value or b"")
     if isinstance(verdict, Rejected):
         return verdict
+    location = header_value(headers, ADAPTER_TENANT_HEADER)
+    if location is not None and location != verdict.record["tenant"]:
+        tenant = verdict.record["tenant"]
+        error = f"$.tenant: {tenant!r} is not the tenant of its location ({location[:64]!r})"
+        return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error, identity_of(verdict.record))
     size = headers_size(headers)
     if size > ORIGINAL_HEADERS_LIMIT_BYTES:
         error = f"$: headers are {size} bytes; the limit is {ORIGINAL_HEADERS_LIMIT_BYTES}"

@@ -4,9 +4,10 @@ to do with each line.
 
 No file's content can stop a poll or another file:
 - a line longer than the record limit (`INGEST_MAX_RECORD_BYTES`) is never held whole nor sent: it
-  comes out as `LongLine` (its size only) and is refused, counted, at its line number;
-- a line naming another tenant than its location's is refused (`admit_line`): sent, it would
-  become that tenant's entity, and nothing downstream knows which tenant a bucket belongs to;
+  comes out as `LongLine` (its size only), and an empty record stands for it, flagged with its size
+  (`ingest.adapter.line_bytes`), which the processing stage dead-letters (core/admission.py);
+- every line carries its location's tenant (`ingest.adapter.tenant`): a record naming another
+  tenant is dead-lettered by the processing stage, never written as that tenant's entity;
 - content that cannot be read on (a corrupt or truncated gzip stream, or more than
   `INGEST_SOURCE_MAX_FILE_BYTES` once inflated: a gzip bomb) raises a `ContentError`: the file
   is given up at that version, the lines before it stay sent.
@@ -183,32 +184,37 @@ async def read_lines(chunks: AsyncIterator[bytes], *, gzipped: bool, max_line_by
         yield line
 
 
+# Headers the adapters set on every line they send (core/admission.py reads the last two).
+ADAPTER_FILE_HEADER = "ingest.adapter.file"
+ADAPTER_LINE_HEADER = "ingest.adapter.line"
+ADAPTER_TENANT_HEADER = "ingest.adapter.tenant"  # the location's tenant
+ADAPTER_LINE_BYTES_HEADER = "ingest.adapter.line_bytes"  # only on the stand-in for a line too long
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A line to send as it is, with its Kafka key (`tenant:id`, or None: the partitioner's)."""
+    """A line to send, with its Kafka key (`tenant:id`, or None: the partitioner's). `flagged`:
+    why the processing stage will dead-letter it (the adapter's metric label), if it will."""
 
     key: bytes | None
     value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+    flagged: str | None = None  # "tenant_mismatch" or "line_too_large"
+    detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """A line not to send. `reason` is its metric label."""
+def admit_line(line: bytes | LongLine, *, tenant: str) -> Outgoing:
+    """What is sent for a (non-blank) line of a location of `tenant`, and under which key.
 
-    reason: str  # "tenant_mismatch" or "line_too_large"
-    detail: str
-
-
-def admit_line(line: bytes | LongLine, *, tenant: str) -> Outgoing | Refused:
-    """Whether a (non-blank) line of a location of `tenant` is sent, and under which key.
-
-    Like the webhook, which refuses a body naming another tenant (core/webhook.py), a record naming
-    another tenant is refused. Anything else goes as it is — not JSON, not an object, no tenant:
-    the processing stage dead-letters it like any bad record (orjson reads it there too, so a
-    record's tenant is the same for both).
+    Every line ends in the sinks or in the DLQ: it is sent as it is, and the processing stage
+    judges it (orjson reads it there too, so a record's tenant is the same for both). A record
+    naming another tenant goes too, flagged: the stage dead-letters it by the location's tenant
+    the feeder adds to every line. A line too long to send is replaced by an empty value flagged
+    with its size, which the stage dead-letters (the line itself stays in its file).
     """
     if isinstance(line, LongLine):
-        return Refused("line_too_large", f"{line.size} bytes, over the record limit")
+        return Outgoing(None, b"", ((ADAPTER_LINE_BYTES_HEADER, str(line.size).encode()),),
+                        "line_too_large", f"{line.size} bytes, over the record limit")
     try:
         document = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -217,7 +223,8 @@ def admit_line(line: bytes | LongLine, *, tenant: str) -> Outgoing | Refused:
         return Outgoing(None, line)
     named = document.get("tenant", tenant)
     if named != tenant:
-        return Refused("tenant_mismatch", f"names tenant {str(named)[:80]!r}, the location is {tenant!r}")
+        return Outgoing(None, line, (), "tenant_mismatch",
+                        f"names tenant {str(named)[:80]!r}, the location is {tenant!r}")
     record_id = document.get("id")
     if not isinstance(record_id, str) or "tenant" not in document:
         return Outgoing(None, line)

@@ -6,16 +6,16 @@ the file again from the line after the checkpoint: nothing is skipped, and at mo
 (`INGEST_SOURCE_CHECKPOINT_EVERY` lines) is sent twice, which dedupe drops. A file whose content
 changed (another ETag, size or mtime) is read again from its first line.
 
-What is not sent as it is, so that no line and no file stops the others (core/files.py decides):
-- A line naming another tenant than its location's is refused here, at the adapter, as the webhook
-  refuses such a body with 403: sent to the source topic it would become that tenant's entity,
-  since nothing downstream knows whose bucket or directory a record came from, and a dead letter
-  would be no safer (a redrive sends it back to the source topic). It stays in its file; it is
-  logged with the file name and line number and counted in
+Every line ends in the sinks or in the DLQ, and no line or file stops the others (core/files.py
+decides what is sent):
+- Every line carries its file, line number and location's tenant (`ingest.adapter.*`). A line
+  naming another tenant is sent flagged, and the processing stage dead-letters it (VALIDATION_FAIL)
+  instead of writing it as that tenant's entity; a redrive of the letter is rejected again, by
+  the same header. Logged with the file name and line number and counted in
   `ingest_adapter_errors_total{source, reason="tenant_mismatch"}`.
-- A line longer than `INGEST_MAX_RECORD_BYTES` is refused the same way (`reason="line_too_large"`):
-  the pipeline would reject it anyway, and one near the producer's limit would fail the send.
-  It is never held whole in memory.
+- A line longer than `INGEST_MAX_RECORD_BYTES` is never held whole in memory nor sent: an empty
+  value flagged with its size stands for it and is dead-lettered the same way
+  (`reason="line_too_large"`); the line stays in its file.
 - A file whose content cannot be read on (a corrupt gzip stream, or more than
   `INGEST_SOURCE_MAX_FILE_BYTES` inflated) is given up at that version (`file_corrupt`,
   `file_too_large`), its checkpoint marked failed; a new version is read from the start.
@@ -35,10 +35,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingest_stream.core.files import (
+    ADAPTER_FILE_HEADER,
+    ADAPTER_LINE_HEADER,
+    ADAPTER_TENANT_HEADER,
     ContentError,
     FileCheckpoint,
+    Outgoing,
     Plan,
-    Refused,
     admit_line,
     plan_for,
     read_lines,
@@ -48,8 +51,6 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[bytes | None, bytes, list[tuple[str, bytes]]], Awaitable[Awaitable[Any]]]
 Chunks = Callable[[], AsyncGenerator[bytes, None]]
-FILE_HEADER = "ingest.adapter.file"
-LINE_HEADER = "ingest.adapter.line"
 FILE_ERROR = "file_error"
 DEFAULT_MAX_FILE_BYTES = 4 * 2**30
 
@@ -86,7 +87,7 @@ class FeedResult:
     sent: int = 0
     skipped: bool = False
     restarted: bool = False
-    refused: Counter[str] = field(default_factory=Counter)  # lines not sent, by reason
+    flagged: Counter[str] = field(default_factory=Counter)  # lines sent to be dead-lettered, by reason
     failed: str | None = None  # the ContentError's reason when the file was given up
 
 
@@ -122,10 +123,11 @@ class FileFeeder:
                     if number <= start or (isinstance(line, bytes) and not line.strip()):
                         continue
                     verdict = admit_line(line, tenant=tenant)
-                    if isinstance(verdict, Refused):
-                        self._refuse(name, number, verdict, result)
-                        continue
-                    headers = [(FILE_HEADER, name.encode()), (LINE_HEADER, str(number).encode())]
+                    if verdict.flagged is not None:
+                        self._flag(name, number, verdict, result)
+                    headers = [(ADAPTER_FILE_HEADER, name.encode()),
+                               (ADAPTER_LINE_HEADER, str(number).encode()),
+                               (ADAPTER_TENANT_HEADER, tenant.encode()), *verdict.headers]
                     deliveries.append(await self._send(verdict.key, verdict.value, headers))
                     if len(deliveries) >= self.every:
                         partial = FileCheckpoint(version, size, number)
@@ -135,8 +137,9 @@ class FileFeeder:
                 version, size, number, done=True, failed=error.reason), error, result)
             return result
         await self._checkpoint(name, deliveries, FileCheckpoint(version, size, number, done=True), result)
-        if result.refused:
-            log.warning("%s: %d line(s) sent, %s not sent", name, result.sent, dict(result.refused))
+        if result.flagged:
+            log.warning("%s: %d line(s) sent, of which %s to be dead-lettered", name, result.sent,
+                        dict(result.flagged))
         return result
 
     async def _send(self, key: bytes | None, line: bytes, headers: list[tuple[str, bytes]]) -> Awaitable[Any]:
@@ -145,11 +148,12 @@ class FileFeeder:
         except Exception as error:
             raise ProduceFailed(f"{type(error).__name__}: {error}") from error
 
-    def _refuse(self, name: str, number: int, verdict: Refused, result: FeedResult) -> None:
-        if not result.refused[verdict.reason]:  # the first of its kind in this file, in full
-            log.warning("%s line %d not sent (%s): %s", name, number, verdict.reason, verdict.detail)
-        result.refused[verdict.reason] += 1
-        self.errors(verdict.reason)
+    def _flag(self, name: str, number: int, verdict: Outgoing, result: FeedResult) -> None:
+        reason = verdict.flagged or ""
+        if not result.flagged[reason]:  # the first of its kind in this file, in full
+            log.warning("%s line %d sent to be dead-lettered (%s): %s", name, number, reason, verdict.detail)
+        result.flagged[reason] += 1
+        self.errors(reason)
 
     async def _give_up(self, name: str, deliveries: list[Awaitable[Any]], checkpoint: FileCheckpoint,
                        error: ContentError, result: FeedResult) -> None:

@@ -169,8 +169,12 @@ def test_s3_objects_are_fed_resumed_exactly_after_a_kill_and_replaced_objects_re
     assert 0 <= repeats <= 200, repeats
     assert not any("other/" in name for name in sent)
     assert sorted(sent[f"s3://{bucket}/acme/d.jsonl.gz"]) == list(range(1, 8))  # both members
-    assert sorted(sent[f"s3://{bucket}/acme/e.jsonl"]) == [1, 4]  # not the other tenant's, not the long one
-    assert sinks.postgres([other]) == {}
+    assert sorted(sent[f"s3://{bucket}/acme/e.jsonl"]) == [1, 2, 3, 4]  # each line, the long one a stand-in
+    assert sinks.postgres([other]) == {}  # the other tenant's line is dead-lettered, not written
+    letters = {(h["ingest.adapter.line"], h["dlq.reason"])
+               for h in map(headers_of, kafka.read_all(f"{prefix}.dlq"))
+               if h.get("ingest.adapter.file") == f"s3://{bucket}/acme/e.jsonl"}
+    assert letters == {("2", "VALIDATION_FAIL"), ("3", "VALIDATION_FAIL")}
     assert worker.metric("ingest_adapter_errors_total", source="s3", reason="tenant_mismatch") == 1
     assert worker.metric("ingest_adapter_errors_total", source="s3", reason="line_too_large") == 1
     print(f"s3: {big + 500} lines across the kill, {repeats} sent twice (dedupe absorbed them: "

@@ -176,3 +176,19 @@ def test_an_unexpected_exception_is_a_flagged_rejection_not_a_crash(monkeypatch)
     assert isinstance(verdict, Rejected)
     assert verdict.unexpected == "KeyError"
     assert verdict.reason is Reason.VALIDATION_FAIL
+
+
+def test_a_file_line_is_held_to_its_locations_tenant_and_a_long_lines_stand_in_is_dead_lettered():
+    value = json.dumps(v2("beta", "doc-1", 3)).encode()
+    other = admit(VALIDATOR, value, [("ingest.adapter.tenant", b"acme")], here=HERE,
+                  source_topics=SOURCE_TOPICS)
+    assert isinstance(other, Rejected)
+    assert (other.reason, other.stage) == (Reason.VALIDATION_FAIL, Stage.VALIDATE)
+    assert "not the tenant of its location ('acme')" in other.error
+    own = admit(VALIDATOR, value, [("ingest.adapter.tenant", b"beta")], here=HERE,
+                source_topics=SOURCE_TOPICS)
+    assert isinstance(own, Forward)
+    stand_in = admit(VALIDATOR, b"", [("ingest.adapter.line_bytes", b"2000000")], here=HERE,
+                     source_topics=SOURCE_TOPICS)
+    assert isinstance(stand_in, Rejected) and stand_in.reason is Reason.VALIDATION_FAIL
+    assert "the line is 2000000 bytes" in stand_in.error

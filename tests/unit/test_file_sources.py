@@ -19,10 +19,17 @@ import pytest
 from botocore.exceptions import ClientError
 
 from ingest_stream.config import Settings
-from ingest_stream.core.files import FileCheckpoint, SftpLocation
+from ingest_stream.core.files import (
+    ADAPTER_FILE_HEADER,
+    ADAPTER_LINE_BYTES_HEADER,
+    ADAPTER_LINE_HEADER,
+    ADAPTER_TENANT_HEADER,
+    FileCheckpoint,
+    SftpLocation,
+)
 from ingest_stream.sources import s3 as s3_module
 from ingest_stream.sources import sftp as sftp_module
-from ingest_stream.sources.feeder import FILE_HEADER, LINE_HEADER, CheckpointStore, FileFeeder, ProduceFailed
+from ingest_stream.sources.feeder import CheckpointStore, FileFeeder, ProduceFailed
 
 TENANT = "acme"
 
@@ -41,6 +48,7 @@ class Sent:
     value: bytes
     file: str
     line: int
+    line_bytes: bytes | None = None  # the stand-in for a line too long to send
 
 
 @dataclass
@@ -68,7 +76,9 @@ class Harness:
             delivery.set_exception(RuntimeError("broker refused"))
             return delivery
         found = dict(headers)
-        self.sent.append(Sent(key, value, found[FILE_HEADER].decode(), int(found[LINE_HEADER])))
+        assert found[ADAPTER_TENANT_HEADER] == TENANT.encode()  # every line carries its location's tenant
+        self.sent.append(Sent(key, value, found[ADAPTER_FILE_HEADER].decode(),
+                              int(found[ADAPTER_LINE_HEADER]), found.get(ADAPTER_LINE_BYTES_HEADER)))
         delivery.set_result(None)
         return delivery
 
@@ -90,18 +100,23 @@ async def feed(feeder: FileFeeder, name: str, data: bytes, *, version: str = "v1
                              gzipped=gzipped)
 
 
-async def test_another_tenants_lines_and_over_long_lines_are_not_sent_the_rest_is(caplog):
+async def test_another_tenants_lines_and_over_long_lines_go_flagged_to_be_dead_lettered(caplog):
     h = Harness()
     data = jsonl(line("1"), line("2", "beta"), b"", b"x" * 500, line("3"), b"not json", line("4", "beta"))
     with caplog.at_level(logging.WARNING):
         result = await feed(h.feeder(), "f", data)
-    assert [(s.line, s.key) for s in h.sent] == [(1, b"acme:1"), (5, b"acme:3"), (6, None)]
-    assert all(s.value == data.split(b"\n")[s.line - 1] for s in h.sent)  # sent as they are
-    assert result.refused == {"tenant_mismatch": 2, "line_too_large": 1}
+    # every line goes: another tenant's without a key (the processing stage dead-letters it by the
+    # location's tenant header), the long one as an empty stand-in with its size
+    assert [(s.line, s.key) for s in h.sent] == [(1, b"acme:1"), (2, None), (4, None), (5, b"acme:3"),
+                                                 (6, None), (7, None)]
+    long_line = next(s for s in h.sent if s.line == 4)
+    assert (long_line.value, long_line.line_bytes) == (b"", b"500")
+    assert all(s.value == data.split(b"\n")[s.line - 1] for s in h.sent if s.line != 4)  # as they are
+    assert result.flagged == {"tenant_mismatch": 2, "line_too_large": 1}
     assert h.errors == {"tenant_mismatch": 2, "line_too_large": 1}
     assert h.saved["f"] == FileCheckpoint("v1", len(data), 7, done=True)
-    assert "f line 2 not sent (tenant_mismatch)" in caplog.text and "'beta'" in caplog.text
-    assert "f line 4 not sent (line_too_large)" in caplog.text
+    assert "f line 2 sent to be dead-lettered (tenant_mismatch)" in caplog.text and "'beta'" in caplog.text
+    assert "f line 4 sent to be dead-lettered (line_too_large)" in caplog.text
 
 
 async def test_every_gzip_member_is_sent_before_the_file_is_done():
@@ -227,8 +242,8 @@ async def test_sftp_odd_names_long_lines_and_unreadable_files_stop_no_other_file
     with caplog.at_level(logging.WARNING):
         assert await source._poll_location(location, sftp) == 0
     label = location.label
-    assert h.lines(f"{label}/a.jsonl") == [1, 2] and h.lines(f"{label}/b.jsonl") == [2]
-    assert h.lines(f"{label}/caf\\xe9.jsonl") == [1] and h.lines(f"{label}/d.jsonl.gz") == [1, 2]
+    assert h.lines(f"{label}/a.jsonl") == [1, 2] and h.lines(f"{label}/b.jsonl") == [1, 2]  # 1: a stand-in
+    assert h.lines(f"{label}/caf\\xe9.jsonl") == [1, 2] and h.lines(f"{label}/d.jsonl.gz") == [1, 2]
     assert h.errors == {"line_too_large": 1, "tenant_mismatch": 1, "file_error": 1}
     assert f"{label}/c.jsonl skipped until the next poll" in caplog.text
     moved = sorted(path for path in sftp.files if path.startswith(b"/in/processed/"))
@@ -309,7 +324,7 @@ def s3_source(h: Harness, *locations: dict[str, str],
     return s3_module.S3Source(settings, h.feeder(), {} if health is None else health)
 
 
-async def test_s3_a_tenants_prefix_never_sends_another_tenants_records_and_bad_objects_stop_nothing():
+async def test_s3_another_tenants_records_go_flagged_without_a_key_and_bad_objects_stop_nothing():
     h = Harness()
     client = FakeS3({
         ("in", "acme/1.jsonl"): jsonl(line("1"), line("2", "beta"), line("3")),
@@ -320,8 +335,10 @@ async def test_s3_a_tenants_prefix_never_sends_another_tenants_records_and_bad_o
     }, errors={"acme/2.jsonl": "AccessDenied", "acme/4.jsonl": "NoSuchKey"})
     source = s3_source(h, {"tenant": TENANT, "bucket": "in", "prefix": "acme/"})
     assert await source._poll_location(client, source.locations[0]) == 4
-    assert [s.value for s in h.sent] == [line(str(i)) for i in (1, 3, 5, 6)]
-    assert {s.key for s in h.sent} <= {f"acme:{i}".encode() for i in range(10)}
+    assert [s.value for s in h.sent] == [line(str(i)) for i in (1,)] + [line("2", "beta")] + [
+        line(str(i)) for i in (3, 5, 6)]
+    assert {s.key for s in h.sent} <= {f"acme:{i}".encode() for i in range(10)} | {None}
+    assert next(s.key for s in h.sent if s.line == 2) is None  # never partitioned as beta's entity
     assert h.errors == {"tenant_mismatch": 1, "file_error": 1}
     assert h.saved["s3://in/acme/4.jsonl"].vanished and "s3://in/acme/2.jsonl" not in h.saved
 

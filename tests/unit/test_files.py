@@ -13,7 +13,6 @@ from ingest_stream.core.files import (
     LongLine,
     Outgoing,
     Plan,
-    Refused,
     admit_line,
     plan_for,
     read_lines,
@@ -139,12 +138,12 @@ def test_a_line_of_the_locations_tenant_goes_with_its_entity_key():
     assert admit_line(line, tenant="acme") == Outgoing(b"acme:doc-1", line)
 
 
-def test_a_line_of_another_tenant_is_refused_whatever_the_json_spelling():
+def test_a_line_of_another_tenant_is_flagged_whatever_the_json_spelling():
     for line in (record("beta"), b'{"tenant": "acme", "id": "1", "tenant": "beta"}',  # last key wins
                  b'{"tenant": "\\u0062eta", "id": "1"}', record(None), b'{"tenant": 5, "id": "1"}',
                  b'{"tenant": "ACME", "id": "1"}'):
         verdict = admit_line(line, tenant="acme")
-        assert isinstance(verdict, Refused) and verdict.reason == "tenant_mismatch", line
+        assert (verdict.flagged, verdict.key, verdict.value) == ("tenant_mismatch", None, line), line
 
 
 def test_lines_the_pipeline_dead_letters_go_as_they_are_without_a_key():
@@ -154,9 +153,10 @@ def test_lines_the_pipeline_dead_letters_go_as_they_are_without_a_key():
     assert admit_line(huge_id, tenant="acme") == Outgoing(None, huge_id)  # no key over the key limit
 
 
-def test_a_line_over_the_record_limit_is_refused():
-    assert admit_line(LongLine(2_000_000), tenant="acme") == Refused(
-        "line_too_large", "2000000 bytes, over the record limit")
+def test_a_line_over_the_record_limit_goes_as_an_empty_stand_in_with_its_size():
+    assert admit_line(LongLine(2_000_000), tenant="acme") == Outgoing(
+        None, b"", (("ingest.adapter.line_bytes", b"2000000"),), "line_too_large",
+        "2000000 bytes, over the record limit")
 
 
 def test_zlib_keeps_the_rest_of_the_input_after_a_member_in_unused_data():
