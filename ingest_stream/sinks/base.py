@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ingest_stream.core.reasons import Reason
@@ -34,6 +34,34 @@ class Write:
     @property
     def version(self) -> Version:
         return Version(self.record["revision"], self.origin_tp, self.origin_offset)
+
+
+@dataclass
+class BatchOutcome:
+    applied: list[Write] = field(default_factory=list)
+    skipped: list[Write] = field(default_factory=list)
+    older: list[Write] = field(default_factory=list)
+    failed: list[tuple[Write, SinkError, int]] = field(default_factory=list)  # write, error, attempts
+
+    def merge(self, other: BatchOutcome) -> None:
+        self.applied += other.applied
+        self.skipped += other.skipped
+        self.older += other.older
+        self.failed += other.failed
+
+    def in_order_of(self, writes: Sequence[Write]) -> None:
+        position = {id(w): i for i, w in enumerate(writes)}
+        for writes_of in (self.applied, self.skipped, self.older):
+            writes_of.sort(key=lambda w: position[id(w)])
+        self.failed.sort(key=lambda f: position[id(f[0])])
+
+
+def where(write: Write) -> str:
+    """`tenant:id (topic[partition]@offset)`, the source position where known."""
+    if write.origin_tp is None:
+        return write.key
+    topic, _, partition = write.origin_tp.rpartition(":")
+    return f"{write.key} ({topic}[{partition}]@{write.origin_offset})"
 
 
 class Sink(Protocol):

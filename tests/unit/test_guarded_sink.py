@@ -15,7 +15,8 @@ from ingest_stream.core.revision import Version
 from ingest_stream.errors import SinkError
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Write
-from ingest_stream.sinks.guarded import LONE_ENTITY_ROUNDS, BatchOutcome, GuardedSink
+from ingest_stream.sinks.guarded import BatchOutcome, GuardedSink
+from ingest_stream.sinks.split import LONE_ENTITY_ROUNDS
 from tests.dataset import v2
 
 
