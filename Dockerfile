@@ -9,8 +9,8 @@ RUN pip install --no-cache-dir --prefix=/install .
 FROM python:3.11-slim
 RUN useradd --uid 10001 --create-home ingest && mkdir -p /data && chown ingest /data
 COPY --from=build /install /usr/local
-COPY schemas /app/schemas
-ENV INGEST_SCHEMA_DIR=/app/schemas INGEST_DATA_DIR=/data INGEST_WEB_PORT=8080 PYTHONUNBUFFERED=1
+# The schemas and the Postgres migrations are package data of the wheel (pyproject.toml).
+ENV INGEST_DATA_DIR=/data INGEST_WEB_PORT=8080 PYTHONUNBUFFERED=1
 USER 10001
 WORKDIR /app
 EXPOSE 8080

@@ -11,10 +11,11 @@ from pathlib import Path
 import orjson
 
 from ingest_stream import record_reader
+from ingest_stream.ops.output import add_version
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ingest-stream", description=__doc__)
+    parser = add_version(argparse.ArgumentParser(prog="ingest-stream", description=__doc__))
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("worker", help="run a Faust worker against the configured servers")
     dev = commands.add_parser("dev", help="the whole pipeline on embedded servers, no Docker")

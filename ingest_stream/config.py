@@ -20,6 +20,15 @@ KNOWN_SINKS = ("postgres", "neo4j", "typesense")
 SOURCES = ("kafka", "webhook", "s3", "sftp")
 FAILURE_POLICIES = ("hold", "dlq")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _default_schema_dir() -> Path:
+    """The installed package's schemas (`ingest_stream/schemas` in the wheel), else the checkout's
+    (an editable install runs the checkout, whose schemas are at its top)."""
+    installed = Path(__file__).resolve().parent / "schemas"
+    return installed if installed.is_dir() else PROJECT_ROOT / "schemas"
+
+
 MESSAGE_ENVELOPE_BYTES = 64 * 1024  # headers and key beside a record's value (core/dlq.py caps them)
 # What any Kafka broker takes with its defaults (message.max.bytes 1048588; the Java producer's
 # max.request.size 1048576): a dead letter stays within it even where the DLQ topic was created
@@ -54,7 +63,7 @@ class Settings:
     web_host: str = "0.0.0.0"
     web_port: int = 8080
     data_dir: Path = Path("./data")
-    schema_dir: Path = PROJECT_ROOT / "schemas"
+    schema_dir: Path = field(default_factory=_default_schema_dir)
     max_record_bytes: int = 1_048_576
     dedupe_ttl_s: int = 7 * 24 * 3600
     dedupe_evict_interval_s: float = 3600.0

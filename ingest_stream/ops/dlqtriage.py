@@ -29,13 +29,13 @@ from ingest_stream.ops.dead_letters import (
     verify_archive,
 )
 from ingest_stream.ops.kafka_io import ToolError
-from ingest_stream.ops.output import format_table, printable, run_command, write_json
+from ingest_stream.ops.output import add_version, format_table, printable, run_command, write_json
 
 
 # --- command line -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dlqtriage",
-                                     description="Triage and redrive the dead-letter topic.")
+    parser = add_version(argparse.ArgumentParser(prog="dlqtriage",
+                                                 description="Triage and redrive the dead-letter topic."))
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ title, and JSON goes through `json_text`, which escapes what JSON itself leaves 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import re
@@ -15,6 +16,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TextIO
 
 import orjson
+
+from ingest_stream import __version__
 
 # C0 and C1 controls (ESC, CSI, BEL, CR, backspace, ...), DEL, the bidirectional overrides and
 # isolates (text shown in another order than it is), line and paragraph separators, and lone
@@ -71,3 +74,9 @@ def run_command(prog: str, main: Callable[[], Coroutine[Any, Any, int]], *,
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted; {interrupted}", file=sys.stderr)
         return 130
+
+
+def add_version(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--version` on every tool: the installed package's version."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser

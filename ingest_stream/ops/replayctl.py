@@ -24,13 +24,14 @@ from ingest_stream.config import SOURCES, Settings
 from ingest_stream.core.replay import PlanError, ReplayPlan
 from ingest_stream.core.timefmt import epoch_ms, format_rfc3339
 from ingest_stream.ops.kafka_io import ToolError
-from ingest_stream.ops.output import format_table, run_command, write_json
+from ingest_stream.ops.output import add_version, format_table, run_command, write_json
 from ingest_stream.ops.replay import LegalHolds, Plans, Runner, make_plan, now_text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="replayctl", description="Replay a tenant's time range.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = add_version(argparse.ArgumentParser(
+        prog="replayctl", description="Replay a tenant's time range.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__))
     commands = parser.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("plan", help="resolve a time range to offsets and estimate it")
     plan.add_argument("--tenant", required=True)

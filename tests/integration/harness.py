@@ -80,6 +80,9 @@ class WorkerProcess:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     exits: list[int] = field(default_factory=list)  # exit codes seen by the supervisor
+    # The command and folder it runs in: the checkout's, unless a test runs an installed copy.
+    argv: list[str] = field(default_factory=lambda: [sys.executable, "-m", "ingest_stream.cli", "worker"])
+    cwd: Path = PROJECT_ROOT
     _supervisor: threading.Thread | None = None
     _stopping: bool = False
     _killed: bool = False  # by the test itself: the test restarts it, not the supervisor
@@ -117,9 +120,8 @@ class WorkerProcess:
                 log.write(f"\n===== worker start {time.strftime('%X')} =====\n".encode())
                 log.flush()
                 self.process = subprocess.Popen(
-                    [sys.executable, "-m", "ingest_stream.cli", "worker"],
-                    env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=PROJECT_ROOT, start_new_session=True)
+                    self.argv, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=self.cwd, start_new_session=True)
             self._killed = False
             eventually(self._healthy, timeout_s=60, context=self.log_tail)
 
