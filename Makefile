@@ -22,18 +22,18 @@ $(VENV)/bin/promtool: | $(STAMP)
 	  dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$(VENV)/bin/promtool && \
 	  cd / && rm -rf $$tmp
 
-setup: $(STAMP) $(VENV)/bin/promtool  ## create .venv: the package, embedded servers, test tools, promtool
+setup: $(STAMP)  ## create .venv: the package, embedded servers, test tools
 
 dev: setup  ## run the whole pipeline on embedded servers (Ctrl-C stops everything)
 	$(VENV)/bin/ingest-stream dev
 
-test: setup lint typecheck  ## lint, type-check, then every test (unit + integration on real servers)
+test: setup $(VENV)/bin/promtool lint typecheck  ## lint, type-check, then every test (unit + integration on real servers)
 	$(PY) -m pytest --durations=15 -rfEs
 
 unit: setup  ## the fast unit tests only
 	$(PY) -m pytest tests/unit
 
-integration: setup  ## the integration tests only
+integration: setup $(VENV)/bin/promtool  ## the integration tests only
 	$(PY) -m pytest tests/integration
 
 lint: setup  ## ruff

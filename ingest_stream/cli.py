@@ -1,17 +1,20 @@
-"""`ingest-stream`: worker | dev | produce | lag."""
+"""`ingest-stream`: worker | dev | produce | lag | config."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
 import orjson
+from aiokafka.errors import KafkaError
 
 from ingest_stream import record_reader
-from ingest_stream.ops.output import add_version
+from ingest_stream.errors import ConfigError
+from ingest_stream.ops.output import add_version, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     lag.add_argument("--topic", action="append", default=[],
                      help="topic to report (repeatable; default: every topic the worker consumes)")
     lag.add_argument("--json", action="store_true", help="machine-readable output")
+    config = commands.add_parser("config", help="the effective settings (secrets masked); unknown "
+                                                "INGEST_* names are warned about")
+    config.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -38,7 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     record_reader.install()  # every command that reads Kafka: no record's header names stop it
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return run(args, parser)
+    except ConfigError as error:  # a malformed INGEST_* value: one line, not a traceback
+        print(f"ingest-stream: {error}", file=sys.stderr)
+        return 1
 
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "config":
+        return run_config(args)
     if args.command == "worker":
         return run_worker()
     if args.command == "dev":
@@ -89,6 +104,20 @@ def run_lag(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_config(args: argparse.Namespace) -> int:
+    from ingest_stream.config import Settings, effective, unknown_names
+    from ingest_stream.ops.output import format_table, write_json
+
+    shown = effective(Settings.from_env())
+    for name in unknown_names(os.environ):
+        print(f"ingest-stream config: warning: {name} is not a setting (ignored)", file=sys.stderr)
+    if args.json:
+        write_json(shown, sys.stdout)
+    else:
+        print(format_table(("VARIABLE", "VALUE"), sorted(shown.items())))
+    return 0
+
+
 def run_worker() -> int:
     from ingest_stream.config import Settings
     from ingest_stream.malloc import hold_thresholds
@@ -116,10 +145,15 @@ def run_produce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         values = jsonl_records(args.file)
     else:
         values = (orjson.dumps(r) for r in synthetic_records(args.synthetic, source=args.source))
-    sent = asyncio.run(produce(settings, values, topic=settings.source_topic(args.source),
-                               rate=args.rate))
-    print(f"sent {sent} record(s) to {settings.source_topic(args.source)}")
-    return 0
+    topic = settings.source_topic(args.source)
+
+    async def send() -> int:
+        sent = await produce(settings, values, topic=topic, rate=args.rate)
+        print(f"sent {sent} record(s) to {topic}")
+        return 0
+
+    return run_command("ingest-stream produce", send, errors=(KafkaError, OSError),
+                       interrupted="what was acknowledged before stays sent")
 
 
 if __name__ == "__main__":

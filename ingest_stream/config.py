@@ -5,6 +5,7 @@ Every default works with `ingest-stream dev` on one machine.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -208,6 +209,32 @@ class Settings:
         return f"{self.topic_prefix}.legal.holds"
 
 
+def unknown_names(environ: Mapping[str, str]) -> list[str]:
+    """`INGEST_*` variables that name no setting (a misspelt name is otherwise silently ignored),
+    each with the closest setting's name when there is one."""
+    known = {f"INGEST_{item.name.upper()}" for item in fields(Settings)}
+    found = []
+    for name in sorted(environ):
+        if name.startswith("INGEST_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            found.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return found
+
+
+def effective(settings: Settings) -> dict[str, str]:
+    """Every setting by its variable name, as the worker sees it; secrets masked."""
+    shown = {}
+    for item in fields(settings):
+        value = getattr(settings, item.name)
+        secret = not item.repr and value not in (None, "")
+        shown[f"INGEST_{item.name.upper()}"] = "********" if secret else (
+            ",".join(value) if isinstance(value, tuple) else "" if value is None else str(value))
+    return shown
+
+
+_EXPECTED = {bool: "true or false", int: "a whole number", float: "a number"}
+
+
 def _parse(name: str, raw: str, hint: Any) -> Any:
     env_name = f"INGEST_{name.upper()}"
     try:
@@ -225,4 +252,5 @@ def _parse(name: str, raw: str, hint: Any) -> Any:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         return raw
     except ValueError:
-        raise ConfigError(f"{env_name}={raw!r} is not a valid {hint}") from None
+        expected = next((text for kind, text in _EXPECTED.items() if hint in (kind, kind | None)), str(hint))
+        raise ConfigError(f"{env_name}={raw[:80]!r}: expected {expected}") from None

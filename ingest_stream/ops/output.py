@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import orjson
 
 from ingest_stream import __version__
+from ingest_stream.errors import ConfigError
 
 # C0 and C1 controls (ESC, CSI, BEL, CR, backspace, ...), DEL, the bidirectional overrides and
 # isolates (text shown in another order than it is), line and paragraph separators, and lone
@@ -66,9 +67,10 @@ def run_command(prog: str, main: Callable[[], Coroutine[Any, Any, int]], *,
     """Run a tool's coroutine; an expected failure is one line on stderr and exit 1, Ctrl-C 130."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its connection errors reach us anyway
+    caught: tuple[type[BaseException], ...] = (*errors, ConfigError)  # a malformed INGEST_* value too
     try:
         return asyncio.run(main())
-    except errors as error:  # its message can quote a record or a file: escaped
+    except caught as error:  # its message can quote a record or a file: escaped
         print(f"{prog}: {printable(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

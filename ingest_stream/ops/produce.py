@@ -56,7 +56,11 @@ async def produce(settings: Settings, values: Iterable[bytes], *, topic: str,
                   rate: float | None = None, progress_every: int = 10_000) -> int:
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5,
                                 enable_idempotence=False, acks="all")
-    await producer.start()
+    try:
+        await producer.start()
+    except BaseException:
+        await producer.stop()  # a producer that never started still holds its client
+        raise
     sent = 0
     started = time.monotonic()
     try:

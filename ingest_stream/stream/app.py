@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from faust.types import EventT
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ingest_stream.config import SOURCES, Settings
+from ingest_stream.config import SOURCES, Settings, unknown_names
 from ingest_stream.core.backoff import BackoffPolicy
 from ingest_stream.core.breaker import BreakerPolicy, CircuitBreaker
 from ingest_stream.core.dlq import RECORD_OVERHEAD_BYTES
@@ -111,6 +112,8 @@ def faust_options(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Typesense request
+    for name in unknown_names(os.environ):
+        log.warning("%s is not a setting: ignored (ingest-stream config lists them all)", name)
     app = IngestApp(settings.app_id, Stream=BatchStream,
                     fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms, **faust_options(settings))
     metrics = metrics or Metrics(tenant_limit=settings.tenant_metrics_limit)
@@ -270,6 +273,15 @@ def _views(app: faust.App, pipeline: Pipeline) -> None:
         async def get(self, request: Request) -> Response:
             return self.json({"status": "ok"})
 
+    @app.page("/health/ready")
+    class Ready(View):
+        """Readiness (Kubernetes): consuming, and every sink reachable. Liveness stays /health:
+        a worker that waits out a down sink or a rebalance is alive, just not ready."""
+
+        async def get(self, request: Request) -> Response:
+            waiting = not_ready(app, pipeline)
+            return self.json({"ready": not waiting, "waiting_for": waiting}, status=503 if waiting else 200)
+
     @app.page("/health/detailed")
     class HealthDetailed(View):
         async def get(self, request: Request) -> Response:
@@ -280,6 +292,19 @@ def _views(app: faust.App, pipeline: Pipeline) -> None:
         async def get(self, request: Request) -> Response:
             return self.bytes(generate_latest(pipeline.metrics.registry),
                               content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+
+def not_ready(app: faust.App, pipeline: Pipeline) -> list[str]:
+    """What keeps the worker from being ready: a rebalance or table recovery in progress (it is
+    not consuming), a sink whose circuit is open (not reachable). Empty when ready."""
+    waiting = []
+    if getattr(app, "rebalancing", False):
+        waiting.append("a rebalance")
+    if getattr(app, "in_recovery", False):
+        waiting.append("table recovery")
+    waiting += [f"sink {name} (circuit open)" for name, sink in pipeline.sinks.items()
+                if sink.health()["circuit"] == "open"]
+    return waiting
 
 
 def detailed_health(pipeline: Pipeline) -> dict[str, Any]:

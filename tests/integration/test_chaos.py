@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import urllib.error
+import urllib.request
 from collections import Counter
 from typing import Any
 
@@ -75,6 +77,9 @@ def test_a_sink_down_with_hold_policy_completes_with_no_dlq(
     with stack.server_down(SERVER_OF[down]):
         kafka.produce(f"{prefix}.source.kafka", [(m.key, m.value) for m in data.messages[600:]])
         eventually(lambda: _assert_circuit(worker, down, 2), timeout_s=60, context=worker.log_tail)
+        # Not ready while the sink's circuit is open (Kubernetes readiness); alive all along.
+        eventually(lambda: assert_equal(readiness(worker), (503, [f"sink {down} (circuit open)"])),
+                   timeout_s=60, interval_s=0.2)
         health = worker.get_json("/health/detailed")
         assert health["status"] == "degraded"
         assert health["sinks"][down]["circuit"] in ("open", "half-open")
@@ -88,6 +93,7 @@ def test_a_sink_down_with_hold_policy_completes_with_no_dlq(
     eventually(lambda: assert_equal(*state[down]()), timeout_s=120, context=worker.log_tail)
     eventually(lambda: _assert_circuit(worker, down, 0), timeout_s=30)
     assert worker.get_json("/health/detailed")["sinks"][down]["circuit"] == "closed"
+    eventually(lambda: assert_equal(readiness(worker), (200, [])), timeout_s=30)
     assert worker.metric("ingest_circuit_transitions_total", sink=down, state="open") >= 1
     assert worker.metric("ingest_circuit_transitions_total", sink=down, state="closed") >= 1
     assert worker.metric("ingest_dlq_total") == 0
@@ -288,3 +294,13 @@ def test_kill_loop_sigkill_at_random_moments_loses_nothing_and_writes_nothing_ol
     assert set(worker.exits) <= {STALL_EXIT_CODE}, worker.exits
     print(f"kills mid-stream: {kills_mid_stream}; DLQ copies re-published: {summary['repeats']}; "
           f"stall restarts: {len(worker.exits)}")
+
+
+def readiness(worker: WorkerProcess) -> tuple[int, list[str]]:
+    """`GET /health/ready`: its status and what it waits for."""
+    url = f"http://127.0.0.1:{worker.web_port}/health/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.load(response)["waiting_for"]
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)["waiting_for"]

@@ -1,0 +1,52 @@
+"""The command line's failures are one line, never a traceback; settings are shown and checked."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ingest_stream import cli
+from ingest_stream.config import Settings, effective, unknown_names
+from ingest_stream.ops.devstack import free_port
+
+
+def test_a_malformed_setting_is_one_line_naming_the_variable_and_what_it_expects(monkeypatch, capsys):
+    monkeypatch.setenv("INGEST_WEB_PORT", "eighty")
+    assert cli.main(["config"]) == 1
+    assert capsys.readouterr().err == "ingest-stream: INGEST_WEB_PORT='eighty': expected a whole number\n"
+
+
+def test_config_shows_every_setting_with_secrets_masked_and_warns_of_unknown_names(monkeypatch, capsys):
+    monkeypatch.setenv("INGEST_ADMIN_TOKEN", "s3cret")
+    monkeypatch.setenv("INGEST_WEB_PROT", "9000")
+    assert cli.main(["config", "--json"]) == 0
+    out, err = capsys.readouterr()
+    shown = json.loads(out)
+    assert shown["INGEST_ADMIN_TOKEN"] == "********" and "s3cret" not in out
+    assert shown["INGEST_WEB_PORT"] == "8080"
+    assert set(shown) == set(effective(Settings()))
+    assert "INGEST_WEB_PROT (did you mean INGEST_WEB_PORT?) is not a setting" in err
+
+
+def test_unknown_names_are_only_ingest_variables_that_name_no_setting():
+    assert unknown_names({"INGEST_WEB_PORT": "1", "PATH": "/bin", "INGEST_NOPE": "x"}) == ["INGEST_NOPE"]
+
+
+def test_produce_without_a_broker_is_one_line_and_exit_1():
+    done = subprocess.run([sys.executable, "-m", "ingest_stream.cli", "produce", "--synthetic", "1"],
+                          env={"INGEST_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.startswith("ingest-stream produce: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
+
+
+@pytest.mark.parametrize("tool", ["ingest_stream.ops.dlqtriage", "ingest_stream.ops.replayctl"])
+def test_the_tools_too_answer_a_malformed_setting_in_one_line(tool):
+    done = subprocess.run([sys.executable, "-m", tool, "list" if "replayctl" in tool else "summary"],
+                          env={"INGEST_PARTITIONS": "many", "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().endswith("INGEST_PARTITIONS='many': expected a whole number"), done.stderr
+    assert "Traceback" not in done.stderr
