@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge_cmd.add_argument("--archive-dir", type=Path,
                            help="where archives go (default: $INGEST_DATA_DIR/dlq-archive)")
     purge_cmd.add_argument("--dry-run", action="store_true", help="count, archive nothing, mark nothing")
+    purge_cmd.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")
     verify_cmd = commands.add_parser("verify", help="check an archive against its manifest")
     verify_cmd.add_argument("manifest", type=Path)
     verify_cmd.add_argument("--json", action="store_true")
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     redrive_cmd.add_argument("--limit", type=int, help="at most this many")
     redrive_cmd.add_argument("--dry-run", action="store_true", help="say what would be sent, send nothing")
     redrive_cmd.add_argument("--force", action="store_true", help="also non-retryable reasons")
+    redrive_cmd.add_argument("--yes", action="store_true",
+                             help="with --force: do not ask (needed without a terminal)")
     redrive_cmd.add_argument("--rate", type=float, help="records per second (default: unlimited)")
     redrive_cmd.add_argument("--max-redrives", type=int, default=DEFAULT_MAX_REDRIVES,
                              help="park a record redriven this many times already")
@@ -144,6 +147,9 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         if args.older_than is None:
             raise ToolError("purge needs --older-than DAYS")
         archive_dir = args.archive_dir or settings.data_dir / "dlq-archive"
+        if not args.dry_run:
+            confirm("purge: archive the selected dead letters and mark them purged (hidden from every "
+                    "view)?", yes=args.yes)
         result = await purge(store, selection, archive_dir=archive_dir, dry_run=args.dry_run, now=now)
         if args.json:
             write_json(result, out)
@@ -180,6 +186,9 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         else:
             print_samples(letters, out)
         return 0
+    if args.force and not args.dry_run:
+        confirm("redrive --force: send non-retryable dead letters back too (the cause must be fixed "
+                "first)?", yes=args.yes)
     show = _progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else (lambda r: None)
     report = await redrive(store, selection, force=args.force, dry_run=args.dry_run, limit=args.limit,
                            rate=args.rate, max_redrives=args.max_redrives, progress=show)
@@ -236,6 +245,19 @@ def print_analysis(analysis: dict[str, Any], out: TextIO) -> None:
         peak = max(histogram["counts"].values())
         for bucket, count in histogram["counts"].items():
             print(f"  {bucket}  {count:>6}  {'#' * max(1, round(40 * count / peak))}", file=out)
+
+
+def confirm(question: str, *, yes: bool, stdin: TextIO = sys.stdin, out: TextIO = sys.stderr) -> None:
+    """An operation that cannot be undone goes ahead with --yes, or when the operator at a terminal
+    answers y; ToolError otherwise (without a terminal, nobody can answer: say how to)."""
+    if yes:
+        return
+    if not stdin.isatty():
+        command = question.split(":")[0]
+        raise ToolError(f"{command} needs --yes without a terminal (--dry-run shows what it would do)")
+    print(f"{question} [y/N] ", end="", file=out, flush=True)
+    if stdin.readline().strip().lower() not in ("y", "yes"):
+        raise ToolError("not confirmed: nothing done")
 
 
 def main(argv: list[str] | None = None) -> int:

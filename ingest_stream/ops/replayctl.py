@@ -53,11 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("plan_id")
     cancel.add_argument("--by", default=getpass.getuser())
     hold = commands.add_parser("hold", help="legal holds: a held tenant's replays are refused")
-    hold.add_argument("action", choices=("set", "clear", "list"))
-    hold.add_argument("--tenant")
-    hold.add_argument("--reason", default="")
-    hold.add_argument("--by", default=getpass.getuser())
-    for sub in (plan, approve, run, status, listing, cancel, hold):
+    holds = hold.add_subparsers(dest="action", required=True)
+    hold_set = holds.add_parser("set", help="put a tenant on legal hold: its replays are refused")
+    hold_set.add_argument("--tenant", required=True)
+    hold_set.add_argument("--reason", required=True, help="why (the case, the ticket)")
+    hold_set.add_argument("--by", default=getpass.getuser())
+    hold_clear = holds.add_parser("clear", help="lift a tenant's legal hold")
+    hold_clear.add_argument("--tenant", required=True)
+    hold_clear.add_argument("--by", default=getpass.getuser())
+    hold_list = holds.add_parser("list", help="the tenants on legal hold")
+    for sub in (plan, approve, run, status, listing, cancel, hold_set, hold_clear, hold_list):
         sub.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
@@ -118,8 +123,6 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
                 rows = [(t, h["at"], h["set_by"], h["reason"]) for t, h in current.items()]
                 print(format_table(("TENANT", "SINCE", "BY", "REASON"), rows), file=out)
             return 0
-        if not args.tenant:
-            raise ToolError(f"hold {args.action} needs --tenant")
         if args.action == "set":
             await holds.set(args.tenant, reason=args.reason, by=args.by)
         else:

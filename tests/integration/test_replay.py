@@ -70,7 +70,7 @@ def test_replay_reapplies_exactly_the_tenants_range_throttled_approved_and_resum
     # Not without approval; not with a malformed RFA; not while held.
     assert "approval" in replayctl(worker, "run", "--plan", plan_id, expect_exit=1, json_output=False)
     assert "RFA" in replayctl(worker, "approve", plan_id, "--rfa", "1234", expect_exit=1, json_output=False)
-    replayctl(worker, "hold", "set", "--tenant", target, "--json")
+    replayctl(worker, "hold", "set", "--tenant", target, "--reason", "case 7", "--json")
     assert "legal hold" in replayctl(worker, "approve", plan_id, "--rfa", "RFA-1234", expect_exit=1,
                                      json_output=False)
     replayctl(worker, "hold", "clear", "--tenant", target, "--json")

@@ -112,7 +112,7 @@ def test_triage_summary_analyze_export_purge_and_redrive_after_a_fix(
         assert dry["would_purge"] == older
         assert dlqtriage(worker, "summary", "--json")["total"] == summary["total"]
         purged = dlqtriage(worker, "purge", "--older-than", "0", "--reason", "OLDER_REVISION",
-                           "--archive-dir", str(tmp_path / "archive"), "--json")
+                           "--archive-dir", str(tmp_path / "archive"), "--yes", "--json")
         assert purged["purged"] == older
         manifest = json.loads(Path(purged["manifest"]).read_text())
         archive = Path(purged["archive"])
@@ -132,11 +132,11 @@ def test_triage_summary_analyze_export_purge_and_redrive_after_a_fix(
         sinks.execute(f"ALTER TABLE ingest_records DROP CONSTRAINT {constraint}")
         refusals = ("--tenant", refused_tenant, "--reason", "CONSTRAINT_VIOLATION")
         assert dlqtriage(worker, "redrive", *refusals, "--json")["skipped_not_retryable"] == 4
-        done = dlqtriage(worker, "redrive", *refusals, "--force", "--json")
+        done = dlqtriage(worker, "redrive", *refusals, "--force", "--yes", "--json")
         assert done["sent_by_topic"] == {f"{prefix}.sink.postgres": 4}
         eventually(lambda: assert_equal(len(sinks.postgres([refused_tenant])), 4), timeout_s=60,
                    context=worker.log_tail)
-        assert dlqtriage(worker, "redrive", *refusals, "--force", "--json")["sent"] == 0
+        assert dlqtriage(worker, "redrive", *refusals, "--force", "--yes", "--json")["sent"] == 0
         eventually(lambda: assert_equal(len(sinks.audit([refused_tenant])), 4), timeout_s=10)
     finally:
         sinks.execute(f"ALTER TABLE ingest_records DROP CONSTRAINT IF EXISTS {constraint}")
@@ -146,6 +146,10 @@ def test_triage_commands_fail_clearly(make_worker, prefix: str, kafka: Kafka) ->
     worker: WorkerProcess = make_worker()  # not started: the tools only need the broker
     out = dlqtriage(worker, "purge", "--reason", "OLDER_REVISION", json_output=False, expect_exit=1)
     assert "--older-than" in out
+    out = dlqtriage(worker, "purge", "--older-than", "0", json_output=False, expect_exit=1)
+    assert "purge needs --yes without a terminal" in out  # nothing purged unasked
+    out = dlqtriage(worker, "redrive", "--force", json_output=False, expect_exit=1)
+    assert "redrive --force needs --yes without a terminal" in out
     out = dlqtriage(worker, "summary", "--reason", "NOPE", json_output=False, expect_exit=2)
     assert "unknown reason" in out
     assert dlqtriage(worker, "summary", "--json")["total"] == 0  # no DLQ topic yet: empty, not an error
@@ -243,7 +247,7 @@ def test_redrive_writes_only_this_apps_topics_and_truncated_letters_only_whole(
     # redrive, --force or not: this app's topics only, and a truncated letter only as its original
     dry = dlqtriage(worker, "redrive", "--force", "--dry-run", "--json")
     assert (dry["sent"], dry["refused"]) == (2, 6)
-    done = dlqtriage(worker, "redrive", "--force", "--json")
+    done = dlqtriage(worker, "redrive", "--force", "--yes", "--json")
     assert done["sent_by_topic"] == {source: 2}
     problems = {r["id"]: r["problem"] for r in done["refusals"]}
     assert set(problems) == {ids[n] for n in ("mismatch", "gone", "too_big", "legal_holds", "status_topic",
@@ -253,7 +257,7 @@ def test_redrive_writes_only_this_apps_topics_and_truncated_letters_only_whole(
     assert f"the original is {len(too_big)} bytes, more than" in problems[ids["too_big"]]
     assert repr(holds) in problems[ids["legal_holds"]] and f"{dlq}.status" in problems[ids["status_topic"]]
     assert "more than the" in problems[ids["huge"]]
-    human = dlqtriage(worker, "redrive", "--force", json_output=False)
+    human = dlqtriage(worker, "redrive", "--force", "--yes", json_output=False)
     assert "refused 6" in human and "checksum mismatch" in human
 
     redriven = [m for m in kafka.read_all(source) if "ingest.redrive" in headers_of(m)]

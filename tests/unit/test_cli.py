@@ -1,5 +1,6 @@
 """The command line's failures are one line, never a traceback; settings are shown and checked."""
 
+import io
 import json
 import subprocess
 import sys
@@ -50,3 +51,33 @@ def test_the_tools_too_answer_a_malformed_setting_in_one_line(tool):
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().endswith("INGEST_PARTITIONS='many': expected a whole number"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_what_cannot_be_undone_asks_at_a_terminal_and_needs_yes_without_one():
+    from ingest_stream.ops.dlqtriage import confirm
+    from ingest_stream.ops.kafka_io import ToolError
+
+    confirm("purge: sure?", yes=True, stdin=io.StringIO(""))  # --yes: no question
+    with pytest.raises(ToolError, match="purge needs --yes without a terminal"):
+        confirm("purge: sure?", yes=False, stdin=io.StringIO("y\n"))
+    asked = io.StringIO()
+    confirm("purge: sure?", yes=False, stdin=Terminal("y\n"), out=asked)
+    assert asked.getvalue() == "purge: sure? [y/N] "
+    with pytest.raises(ToolError, match="not confirmed"):
+        confirm("purge: sure?", yes=False, stdin=Terminal("\n"), out=io.StringIO())
+
+
+def test_a_legal_hold_is_set_with_a_tenant_and_a_reason(capsys):
+    from ingest_stream.ops import replayctl
+
+    with pytest.raises(SystemExit):
+        replayctl.main(["hold", "set", "--help"])
+    assert "--tenant TENANT --reason REASON" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        replayctl.main(["hold", "set", "--tenant", "acme"])
+    assert refused.value.code == 2 and "--reason" in capsys.readouterr().err
