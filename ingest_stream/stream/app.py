@@ -60,6 +60,7 @@ class Pipeline:
     sinks: dict[str, GuardedSink]
     stalls: StallDetector
     backpressure: BackpressureController
+    consuming: bool = False  # partitions assigned at least once: the worker has joined its group
 
 
 def build_sink(name: str, settings: Settings) -> Sink:
@@ -257,6 +258,7 @@ def _backpressure_timer(app: faust.App, settings: Settings, controller: Backpres
 
     @app.on_partitions_assigned.connect
     async def hold_what_is_held(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        app.pipeline.consuming = True  # type: ignore[attr-defined]
         owned = sorted(f"{tp.topic}[{tp.partition}]" for tp in app.assignor.assigned_actives())
         log.info("partitions owned after the rebalance (%d): %s", len(owned), " ".join(owned) or "none")
         controller.guard_resumes()
@@ -275,8 +277,11 @@ def _views(app: faust.App, pipeline: Pipeline) -> None:
 
     @app.page("/health/ready")
     class Ready(View):
-        """Readiness (Kubernetes): consuming, and every sink reachable. Liveness stays /health:
-        a worker that waits out a down sink or a rebalance is alive, just not ready."""
+        """Readiness (Kubernetes): the worker consumes (joined its group, no rebalance or table
+        recovery under way). Liveness stays /health. A down sink does not make it unready: its
+        agent holds, the sources go on (the webhook keeps taking records into Kafka), and every
+        worker unready at once would stall rollouts and node drains behind the PodDisruptionBudget;
+        /health/detailed and the circuit alerts say which sink is down."""
 
         async def get(self, request: Request) -> Response:
             waiting = not_ready(app, pipeline)
@@ -295,15 +300,15 @@ def _views(app: faust.App, pipeline: Pipeline) -> None:
 
 
 def not_ready(app: faust.App, pipeline: Pipeline) -> list[str]:
-    """What keeps the worker from being ready: a rebalance or table recovery in progress (it is
-    not consuming), a sink whose circuit is open (not reachable). Empty when ready."""
+    """What keeps the worker from consuming: joining its group, a rebalance, table recovery.
+    Empty when ready."""
     waiting = []
+    if not pipeline.consuming:
+        waiting.append("joining the consumer group")
     if getattr(app, "rebalancing", False):
         waiting.append("a rebalance")
     if getattr(app, "in_recovery", False):
         waiting.append("table recovery")
-    waiting += [f"sink {name} (circuit open)" for name, sink in pipeline.sinks.items()
-                if sink.health()["circuit"] == "open"]
     return waiting
 
 
