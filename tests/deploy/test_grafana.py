@@ -1,5 +1,6 @@
 """The Grafana dashboard: well-formed, its datasource a variable, every query valid PromQL (promtool)
-over metrics the product really exposes."""
+over metrics the product really exposes and narrowed by the job / instance variables, the SLOs drawn
+on their panels, and a link to the runbook the alerts link."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ import yaml
 from prometheus_client import generate_latest
 
 from ingest_stream.metrics import Metrics
-from tests.deploy.grafana import concrete, dashboards, exposed_families, expressions, metric_families
-from tests.deploy.test_prometheus import PROMTOOL
+from tests.deploy.grafana import (
+    concrete,
+    dashboards,
+    exposed_families,
+    expressions,
+    metric_families,
+    selectors,
+    variables,
+)
+from tests.deploy.test_prometheus import PROMTOOL, runbook_base
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
@@ -58,3 +67,48 @@ def test_the_dashboard_covers_what_operators_watch():
                        "ingest_backpressure_state", "ingest_circuit_state", "ingest_retry_total",
                        "ingest_duplicates_total", "ingest_brownout_dropped_total",
                        "ingest_tenant_records_total"}
+
+
+def test_job_and_instance_variables_narrow_every_query():
+    for path, dashboard in dashboards().items():
+        found = variables(dashboard)
+        for name in ("job", "instance"):
+            variable = found.get(name)
+            assert variable, f"{path.name}: no ${name} variable"
+            assert variable["type"] == "query" and variable["datasource"] == DATASOURCE, name
+            assert variable["includeAll"] and variable["multi"] and variable["allValue"] == ".*", name
+        assert '{job=~"$job"}' in found["instance"]["definition"], "the worker list follows the job"
+        for expr in expressions(dashboard):
+            for metric, matchers in selectors(expr):
+                assert 'job=~"$job"' in matchers and 'instance=~"$instance"' in matchers, (metric, expr)
+
+
+def slo_lines(panel: dict) -> set[float]:
+    """Threshold values the panel draws as lines or areas (the base step has no value)."""
+    defaults = panel["fieldConfig"]["defaults"]
+    style = defaults.get("custom", {}).get("thresholdsStyle", {}).get("mode", "off")
+    steps = defaults.get("thresholds", {}).get("steps", [])
+    return set() if style == "off" else {s["value"] for s in steps if s["value"] is not None}
+
+
+def test_the_slos_are_drawn_on_the_lag_and_dlq_panels():
+    # contract §7: p95 of ingest_lag_seconds <= 60 s; DLQ rate < 0.5 % of records.
+    lag = dlq = 0
+    for dashboard in dashboards().values():
+        for panel in dashboard["panels"]:
+            exprs = " ".join(t["expr"] for t in panel["targets"])
+            if "histogram_quantile(0.95" in exprs and "ingest_lag_seconds_bucket" in exprs:
+                assert panel["fieldConfig"]["defaults"]["unit"] == "s", panel["title"]
+                assert 60 in slo_lines(panel), panel["title"]
+                lag += 1
+            if "ingest_dlq_total" in exprs and "/ sum(rate(ingest_records_total" in exprs:
+                assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit", panel["title"]
+                assert 0.005 in slo_lines(panel), panel["title"]
+                dlq += 1
+    assert lag and dlq, "no lag p95 or DLQ share panel"
+
+
+def test_the_dashboard_links_the_runbook_the_alerts_link():
+    for path, dashboard in dashboards().items():
+        links = {link["title"]: link for link in dashboard.get("links", [])}
+        assert links.get("Runbook", {}).get("url") == runbook_base(), path.name

@@ -1,5 +1,6 @@
 """docs/runbook.md: every command in it is one this product accepts — the tools' arguments parse,
-and every HTTP route it calls exists on the worker."""
+and every HTTP route it calls exists on the worker; every dashboard link in it and in the reference
+runbook opens a provisioned dashboard (and the panel it names)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from ingest_stream.cli import build_parser as ingest_stream_parser
 from ingest_stream.ops.dlqtriage import build_parser as dlqtriage_parser
 from ingest_stream.ops.replayctl import build_parser as replayctl_parser
+from tests.deploy.grafana import DASHBOARD_LINK, resolve
 
 RUNBOOK = Path(__file__).resolve().parents[2] / "docs" / "runbook.md"
 PARSERS = {"ingest-stream": ingest_stream_parser, "dlqtriage": dlqtriage_parser,
@@ -92,3 +94,27 @@ REFERENCE_COMMANDS = [
 def test_the_reference_runbooks_commands_parse(line):
     words = shlex.split(line)
     PARSERS[words[0]]().parse_args(words[1:])
+
+
+# The reference runbook's dashboard links, as it writes them (its header).
+REFERENCE_DASHBOARD_LINKS = ["**Dashboard**: [Ingest Overview](/d/ingest-overview)"]
+
+
+def dashboard_links(text: str) -> list[re.Match[str]]:
+    links = list(DASHBOARD_LINK.finditer(text))
+    assert len(links) == text.count("/d/"), "a dashboard link in a form this test does not read"
+    return links
+
+
+def test_each_dashboard_link_opens_a_provisioned_dashboard_and_the_panel_it_names():
+    links = dashboard_links(RUNBOOK.read_text())
+    assert links, "no dashboard links found"
+    for link in links:
+        _, panel = resolve(link)
+        assert panel is None or link.group("title"), f"{link.group(0)}: name the panel it opens"
+
+
+@pytest.mark.parametrize("text", REFERENCE_DASHBOARD_LINKS)
+def test_the_reference_runbooks_dashboard_links_resolve(text):
+    [link] = dashboard_links(text)
+    resolve(link)
