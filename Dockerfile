@@ -1,7 +1,7 @@
 # The worker image (also carries the operator tools: ingest-stream, dlqtriage, replayctl).
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY ingest_stream ./ingest_stream
 COPY schemas ./schemas
 RUN pip install --no-cache-dir --prefix=/install .
