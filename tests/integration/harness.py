@@ -232,11 +232,12 @@ class Kafka:
 
     def produce(self, topic: str, messages: Sequence[tuple[bytes | None, bytes | None]],
                 headers: Sequence[tuple[str, bytes]] = (), timestamps_ms: Sequence[int] | None = None,
-                headers_each: Sequence[Sequence[tuple[str, bytes]]] | None = None) -> list[tuple[int, int]]:
+                headers_each: Sequence[Sequence[tuple[str, bytes]]] | None = None,
+                compression: str = "none") -> list[tuple[int, int]]:
         """Send in order (with these record timestamps, if given; `headers` on every message, then
         `headers_each[i]` on message i); return each (partition, offset)."""
         producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": False,
-                             "linger.ms": 5, "message.max.bytes": 4_000_000})
+                             "linger.ms": 5, "message.max.bytes": 4_000_000, "compression.type": compression})
         positions: list[tuple[int, int] | None] = [None] * len(messages)
 
         def delivered(index: int) -> Callable[[Any, Any], None]:

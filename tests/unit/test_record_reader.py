@@ -31,3 +31,9 @@ def test_a_header_name_that_is_not_utf8_is_read_with_replacement_characters_not_
         raise AssertionError("aiokafka read the batch: this test no longer shows the failure")
     assert read(TolerantMemoryRecords(raw)) == [
         (0, b"a", [("ok", b"1")]), (1, b"b", [("\ufffd\ufffd", b"2")]), (2, b"c", [])]
+
+
+def test_every_codec_a_producer_may_compress_with_is_installed():
+    from aiokafka import codec
+
+    assert codec.has_gzip() and codec.has_snappy() and codec.has_lz4() and codec.has_zstd()
