@@ -48,7 +48,9 @@ def admit(validator: RecordValidator, value: bytes | None, headers: Headers, *, 
     if line_bytes is not None:  # a file adapter's stand-in for a line too long to send
         error = (f"$: the line is {line_bytes[:20]} bytes; the limit is {validator.max_record_bytes} "
                  "(it stays in its file: ingest.adapter.file, ingest.adapter.line)")
-        return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error)
+        location = header_value(headers, ADAPTER_TENANT_HEADER)
+        return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error,
+                        {"tenant": location[:256]} if location is not None else {})
     verdict = validator.check(value or b"")
     if isinstance(verdict, Rejected):
         return verdict
@@ -56,7 +58,9 @@ def admit(validator: RecordValidator, value: bytes | None, headers: Headers, *, 
     if location is not None and location != verdict.record["tenant"]:
         tenant = verdict.record["tenant"]
         error = f"$.tenant: {tenant!r} is not the tenant of its location ({location[:64]!r})"
-        return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error, identity_of(verdict.record))
+        # the letter is the location's tenant's to triage, not the tenant the line names
+        return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error,
+                        {**identity_of(verdict.record), "tenant": location[:256]})
     size = headers_size(headers)
     if size > ORIGINAL_HEADERS_LIMIT_BYTES:
         error = f"$: headers are {size} bytes; the limit is {ORIGINAL_HEADERS_LIMIT_BYTES}"

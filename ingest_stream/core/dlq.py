@@ -91,12 +91,20 @@ def read_origin(headers: Headers, *, topics: Collection[str] | None = None) -> P
 
 def trusted_origin(headers: Headers, here: Position, source_topics: Collection[str]) -> Position:
     """Where a record now `here` entered the pipeline. A record in a source topic entered here,
-    unless the pipeline itself re-sent it (redrive, replay) with a well-formed origin in one of its
-    source topics; in a sink topic the origin header is read the same way. A producer's own
-    `ingest.origin.*` headers are never trusted."""
-    if here.topic in source_topics and not reprocessed(headers):
+    unless the pipeline itself re-sent it (redrive, replay) there; in a sink topic the origin header
+    the source stage wrote is read, when well-formed and in one of this app's source topics."""
+    if here.topic not in source_topics:  # a sink topic: the origin the source stage wrote
+        return read_origin(headers, topics=source_topics) or here
+    if not reprocessed(headers):
         return here
-    return read_origin(headers, topics=source_topics) or here
+    # Re-sent to its own source partition (a redrive, a replay): only an earlier position there. A
+    # producer can write `ingest.redrive` too; so forged, an origin can only make the record look
+    # older than it is, never newer, and a genuinely older revision after it is still refused.
+    origin = read_origin(headers, topics=source_topics)
+    if origin is None or (origin.topic, origin.partition) != (here.topic, here.partition) or (
+            origin.offset >= here.offset):
+        return here
+    return origin
 
 
 def without_origin(headers: Headers) -> list[tuple[str, bytes]]:

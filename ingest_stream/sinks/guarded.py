@@ -84,7 +84,7 @@ class GuardedSink:
         self._before_write: OlderHandler | None = None
         self._handed_over: set[int] = set()  # id() of the writes `before_write` received
         self._planned: set[int] = set()  # id() of the writes the last call's plan was to write
-        self._lone_rounds = 0  # rounds a batch of one entity failed alone while the probe went through
+        self._lone_since: float | None = None  # a batch of one entity failing alone, probe going through
         self.consecutive_failures = 0
         self.last_error: SinkError | None = None
         self.last_error_at: float | None = None  # time.time()
@@ -109,7 +109,7 @@ class GuardedSink:
             self._before_write = None
             self._handed_over = set()
             self._planned = set()
-            self._lone_rounds = 0
+            self._lone_since = None
 
     async def _apply(self, writes: Sequence[Write]) -> BatchOutcome:
         done = BatchOutcome()

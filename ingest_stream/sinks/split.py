@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 SPLIT_REASONS = frozenset({Reason.SINK_TIMEOUT, Reason.CONNECTION_ERROR})
 LOGGED_KEYS = 20  # records named in one log line of a split
 # Under `hold`, a batch of one entity that fails alone while the sink's probe write goes through is
-# dead-lettered only after this many such rounds: the probe writes elsewhere, so a lock on the
-# records alone (an index built without CONCURRENTLY) looks the same for a while.
-LONE_ENTITY_ROUNDS = 3
+# dead-lettered only once it has failed so for this long: the probe writes elsewhere, so a lock on
+# the records alone (an index built without CONCURRENTLY, a VACUUM FULL) looks the same meanwhile.
+LONE_ENTITY_HOLD_S = 300.0
 
 
 class Guard(Protocol):
@@ -48,7 +48,7 @@ class Guard(Protocol):
     _clock: Callable[[], float]
     _planned: set[int]  # id() of the writes the last call's plan was to write
     _handed_over: set[int]  # id() of the writes `before_write` received
-    _lone_rounds: int  # rounds a batch of one entity failed alone while the probe went through
+    _lone_since: float | None  # when a batch of one entity first failed alone, the probe going through
 
     async def _call(self, writes: Sequence[Write], *,
                     part_of_split: bool = False) -> BatchOutcome | SinkError: ...
@@ -146,11 +146,13 @@ class BatchSplit:
             if failed is not None:
                 await self._narrow(units[key], failed)
         if not self.alive and len(units) == 1 and await self._takes_a_probe_write():
-            guard._lone_rounds += 1  # nothing else to write: the sink's own write tells
-            if guard._failure_policy == "hold" and guard._lone_rounds < LONE_ENTITY_ROUNDS:
-                raise _SplitStopped(f"{next(iter(units))} fails alone while the sink's probe "
-                                    f"write goes through (round {guard._lone_rounds} of "
-                                    f"{LONE_ENTITY_ROUNDS} before it is dead-lettered)")
+            now = guard._clock()  # nothing else to write: the sink's own write tells
+            guard._lone_since = now if guard._lone_since is None else guard._lone_since
+            held_s = now - guard._lone_since
+            if guard._failure_policy == "hold" and held_s < LONE_ENTITY_HOLD_S:
+                raise _SplitStopped(f"{next(iter(units))} fails alone while the sink's probe write "
+                                    f"goes through, for {held_s:.0f}s (dead-lettered after "
+                                    f"{LONE_ENTITY_HOLD_S:.0f}s)")
             self._answered()  # the record fails on its own: the sink takes writes
         if not self.alive:
             raise _SplitStopped(f"no record was written on its own ({len(tried)} tried"

@@ -4,8 +4,8 @@ Sink topics carry records the processing agent validated, but anything can be wr
 each value is checked again (the compiled fast path, microseconds), and the per-record work runs
 under one guard (`_write_of`), so a foreign record is dead-lettered instead of crashing the worker
 on every restart. A record the sink itself refuses comes back in `outcome.failed` (GuardedSink
-isolates it); if every record of a batch failed unexpectedly and so does a canary, the worker
-stops before publishing anything (core/guard.py).
+isolates it); if every record of a batch failed unexpectedly — in the driver, or before the sink
+while the validator's canary fails too — the worker stops before publishing anything (core/guard.py).
 """
 
 from __future__ import annotations
@@ -83,8 +83,12 @@ class SinkProcessor:
             outcome = await self.sink.apply(writes, before_write=dead_letter_older)
 
         unexpected = sum(isinstance(r, Exception) or r.unexpected is not None for _, r in rejected)
-        unexpected += sum(error.unexpected is not None for _, error, _ in outcome.failed)
-        if looks_broken(unexpected, len(events)) and not await self._canary_passes():
+        at_the_sink = sum(error.unexpected is not None for _, error, _ in outcome.failed)
+        if looks_broken(unexpected + at_the_sink, len(events)) and (
+                at_the_sink or not isinstance(self._validator.check(CANARY), Accepted)):
+            # Validated records that all fail in the driver, each with an exception no rule knows:
+            # a driver or server change, not the records (no probe can tell otherwise: it does
+            # not take the path that failed). Before the sink, the validator's canary decides.
             raise broken(f"sink-{self.sink.name}", len(events))
         for event, rejection in rejected:
             deliveries.append(await (self._dead_letters.unexpected(event, rejection, stage=self.stage)
@@ -115,10 +119,6 @@ class SinkProcessor:
         if outcome.applied:
             self._metrics.last_sink_commit.labels(self.sink.name).set(time.time())
 
-
-    async def _canary_passes(self) -> bool:
-        """A known-good record validates here and the sink takes its probe write (core/guard.py)."""
-        return isinstance(self._validator.check(CANARY), Accepted) and await self.sink.takes_writes()
 
     def _write_of(self, event: EventT[Any]) -> Write | Rejected:
         """Pure per-record work: whatever it raises is this record's failure (`process`)."""

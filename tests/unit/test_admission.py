@@ -152,17 +152,35 @@ def test_a_malformed_origin_timestamp_is_left_out_and_the_position_kept():
     assert read_origin(headers, topics=SOURCE_TOPICS) == Position("ingest.source.s3", 1, 9, None)
 
 
-def test_a_redriven_record_keeps_its_origin_a_fresh_one_gets_its_own_position():
-    origin = [("ingest.origin.topic", b"ingest.source.s3"), ("ingest.origin.partition", b"1"),
-              ("ingest.origin.offset", b"9")]
+def origin_of(topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    return [("ingest.origin.topic", topic.encode()), ("ingest.origin.partition", str(partition).encode()),
+            ("ingest.origin.offset", str(offset).encode())]
+
+
+def test_a_redriven_record_keeps_its_earlier_origin_a_fresh_one_gets_its_own_position():
     value = json.dumps(v2("acme", "doc-1", 3)).encode()
-    fresh = admit(VALIDATOR, value, origin, here=HERE, source_topics=SOURCE_TOPICS)
-    redriven = admit(VALIDATOR, value, [*origin, ("ingest.redrive", b"1:rd-1")], here=HERE,
+    earlier = origin_of(HERE.topic, HERE.partition, 9)  # HERE: ingest.source.kafka[2]@40
+    fresh = admit(VALIDATOR, value, earlier, here=HERE, source_topics=SOURCE_TOPICS)
+    redriven = admit(VALIDATOR, value, [*earlier, ("ingest.redrive", b"1:rd-1")], here=HERE,
                      source_topics=SOURCE_TOPICS)
     assert isinstance(fresh, Forward) and isinstance(redriven, Forward)
     assert read_origin(fresh.headers) == HERE
-    assert read_origin(redriven.headers) == Position("ingest.source.s3", 1, 9)
+    assert read_origin(redriven.headers) == Position(HERE.topic, HERE.partition, 9)
     assert redriven.reprocessed and not fresh.reprocessed
+
+
+@pytest.mark.parametrize("claimed", [
+    origin_of("ingest.source.s3", 2, 9),  # another source topic
+    origin_of(HERE.topic, 3, 9),  # another partition
+    origin_of(HERE.topic, HERE.partition, 41),  # later than the record itself
+])
+def test_a_forged_redrive_header_can_only_claim_an_earlier_position_of_its_own_partition(claimed):
+    """A producer can write ingest.redrive too: a claimed origin that would make the record look
+    newer, or come from elsewhere, is not honoured."""
+    value = json.dumps(v2("acme", "doc-1", 3)).encode()
+    outcome = admit(VALIDATOR, value, [*claimed, ("ingest.redrive", b"1")], here=HERE,
+                    source_topics=SOURCE_TOPICS)
+    assert isinstance(outcome, Forward) and read_origin(outcome.headers) == HERE
 
 
 def test_an_unexpected_exception_is_a_flagged_rejection_not_a_crash(monkeypatch):
@@ -185,10 +203,13 @@ def test_a_file_line_is_held_to_its_locations_tenant_and_a_long_lines_stand_in_i
     assert isinstance(other, Rejected)
     assert (other.reason, other.stage) == (Reason.VALIDATION_FAIL, Stage.VALIDATE)
     assert "not the tenant of its location ('acme')" in other.error
+    assert other.identity["tenant"] == "acme"  # the location's letter: dlqtriage --tenant acme finds it
     own = admit(VALIDATOR, value, [("ingest.adapter.tenant", b"beta")], here=HERE,
                 source_topics=SOURCE_TOPICS)
     assert isinstance(own, Forward)
-    stand_in = admit(VALIDATOR, b"", [("ingest.adapter.line_bytes", b"2000000")], here=HERE,
-                     source_topics=SOURCE_TOPICS)
+    stand_in = admit(VALIDATOR, b"", [("ingest.adapter.line_bytes", b"2000000"),
+                                      ("ingest.adapter.tenant", b"acme")],
+                     here=HERE, source_topics=SOURCE_TOPICS)
+    assert isinstance(stand_in, Rejected) and stand_in.identity == {"tenant": "acme"}
     assert isinstance(stand_in, Rejected) and stand_in.reason is Reason.VALIDATION_FAIL
     assert "the line is 2000000 bytes" in stand_in.error
