@@ -1,5 +1,5 @@
 """ingest_stream: Kafka source topics → validate → dedupe → Postgres / Neo4j / Typesense, with a
-reason-coded dead-letter topic. The contract is README.md; the design notes are in docs/."""
+reason-coded dead-letter topic. README.md says how to run it; docs/ holds the rest."""
 
 from importlib.metadata import PackageNotFoundError, version
 

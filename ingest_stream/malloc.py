@@ -6,7 +6,7 @@ free. Each time such a block is freed, glibc raises the threshold to that block'
 MiB each, several per second) come from the heap instead. Freed there, they leave holes that later
 small allocations pin, and the heap only grows: after a 10-minute soak the worker's RSS was 41 MiB
 above a run with the threshold held at 128 KiB (278 against 237 MiB), with Python's own heap and
-RocksDB's caches flat (README, Benchmark). Setting the threshold explicitly turns the adjustment
+RocksDB's caches flat (docs/benchmark.md). Setting the threshold explicitly turns the adjustment
 off. It costs some CPU (large buffers are mapped, faulted in and unmapped each time): about 4 % per
 record on the bench's (c) stage. `INGEST_MALLOC_MMAP_THRESHOLD_KIB=0` leaves glibc's own behaviour.
 

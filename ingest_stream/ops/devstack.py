@@ -177,14 +177,14 @@ class DevStack:
         return {
             "INGEST_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
             "INGEST_KAFKA_SESSION_TIMEOUT_S": "6",
-            # Tansu reports a short high watermark after multi-record batches (see docs/infra-notes.md).
+            # Tansu reports a short high watermark after multi-record batches (docs/development.md).
             "INGEST_RECOVERY_CONSISTENCY_CHECK": "false",
             "INGEST_POSTGRES_DSN": self.postgres_dsn,
             "INGEST_NEO4J_URI": self.neo4j_uri,
             "INGEST_NEO4J_USER": "falkordb",
             "INGEST_NEO4J_PASSWORD": "",
             # FalkorDB's Bolt listener crashes on requests over ~4 KB and has no constraints: small
-            # requests, one at a time (concurrent writes crashed or hung it; README).
+            # requests, one at a time (concurrent writes crashed or hung it; docs/development.md).
             "INGEST_NEO4J_BATCH_SIZE": "32",
             "INGEST_NEO4J_MAX_REQUEST_BYTES": "3072",
             "INGEST_NEO4J_CONCURRENCY": "1",

@@ -5,7 +5,7 @@ itself. Attributes stay in Postgres and Typesense; the graph holds identity, rev
 A batch is sent in chunks of at most `INGEST_NEO4J_BATCH_SIZE` rows and, when set,
 `INGEST_NEO4J_MAX_REQUEST_BYTES`. With `INGEST_NEO4J_CONCURRENCY` 1 (the default) all chunks share one
 transaction; above 1 each chunk is its own transaction, sent concurrently (for a server that answers
-each request slowly; the FalkorDB stand-in cannot take concurrent writes, README). Each
+each request slowly; the FalkorDB stand-in cannot take concurrent writes, docs/development.md). Each
 chunk is revision-guarded and idempotent, so a batch half-written by a crash is completed on redelivery.
 """
 

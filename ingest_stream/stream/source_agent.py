@@ -95,7 +95,7 @@ class SourceProcessor:
                 continue
             record = accepted.record
             if not self._gate.keeps(self.source, record["priority"]):
-                continue  # brownout: still in the source topic, for a replay (README)
+                continue  # brownout: still in the source topic, for a replay (docs/design.md)
             if not accepted.reprocessed and self._is_duplicate(
                     event, dedupe.dedupe_key(accepted.encoded), seen_keys, now_ms):
                 counted[record["tenant"], "duplicate"] += 1
