@@ -10,6 +10,7 @@ again sends nothing twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -18,7 +19,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,34 +85,37 @@ class DeadLetterStore:
         return fold_statuses([(r.key, r.value) async for r in scan(self.bootstrap, self.status_topic)
                               if r.key is not None])
 
-    async def letters(self) -> AsyncIterator[DeadLetter]:
+    async def letters(self) -> AsyncGenerator[DeadLetter, None]:
         """Each failure once (`DeadLetter.failure`): a worker killed after publishing a dead letter,
         or after its fan-out, but before committing publishes it again on redelivery; the later
         copies are counted in `repeats`, not shown (nor selected: the first copy stands for all)."""
         self.unreadable = self.repeats = 0
         seen: set[tuple[object, ...]] = set()
-        async for record in scan(self.bootstrap, self.topic):
-            # A header value can be null on the wire: read as empty.
-            headers = tuple((k, bytes(v) if v is not None else b"") for k, v in record.headers)
-            try:
-                envelope = DlqEnvelope.from_headers(headers)
-            except (KeyError, ValueError):
-                self.unreadable += 1
-                continue
-            letter = DeadLetter(record.partition, record.offset, record.key, record.value, headers, envelope)
-            if letter.failure in seen:
-                self.repeats += 1
-                continue
-            seen.add(letter.failure)
-            yield letter
+        async with contextlib.aclosing(scan(self.bootstrap, self.topic)) as records:
+            async for record in records:
+                # A header value can be null on the wire: read as empty.
+                headers = tuple((k, bytes(v) if v is not None else b"") for k, v in record.headers)
+                try:
+                    envelope = DlqEnvelope.from_headers(headers)
+                except (KeyError, ValueError):
+                    self.unreadable += 1
+                    continue
+                letter = DeadLetter(record.partition, record.offset, record.key, record.value, headers,
+                                    envelope)
+                if letter.failure in seen:
+                    self.repeats += 1
+                    continue
+                seen.add(letter.failure)
+                yield letter
 
-    async def selected(self, selection: Selection) -> AsyncIterator[tuple[DeadLetter, Status]]:
+    async def selected(self, selection: Selection) -> AsyncGenerator[tuple[DeadLetter, Status], None]:
         statuses = await self.statuses()
-        async for letter in self.letters():
-            entry = statuses.get(letter.id)
-            status = entry.status if entry else Status.OPEN
-            if selection.matches(letter, status):
-                yield letter, status
+        async with contextlib.aclosing(self.letters()) as letters:
+            async for letter in letters:
+                entry = statuses.get(letter.id)
+                status = entry.status if entry else Status.OPEN
+                if selection.matches(letter, status):
+                    yield letter, status
 
     async def read_value(self, position: Position, *, max_bytes: int) -> bytes | None:
         """The value of the record at `position`, or None when no record is there any more (the
@@ -164,10 +168,13 @@ async def sample(store: DeadLetterStore, selection: Selection, *, limit: int, fu
     found: list[dict[str, Any]] = []
     if limit <= 0:
         return found
-    async for letter, status in store.selected(selection):
-        found.append(sample_document(letter, status, full=full))
-        if len(found) >= limit:
-            break
+    # aclosing: leaving the generators early closes them (and their consumer) now, in this loop,
+    # not at garbage collection ("Task was destroyed but it is pending").
+    async with contextlib.aclosing(store.selected(selection)) as letters:
+        async for letter, status in letters:
+            found.append(sample_document(letter, status, full=full))
+            if len(found) >= limit:
+                break
     return found
 
 

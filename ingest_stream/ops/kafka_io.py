@@ -4,7 +4,7 @@ clients, outside Faust."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -31,7 +31,7 @@ async def ensure_topic(bootstrap: str, name: str, *, partitions: int = 1,
         await admin.close()
 
 
-async def scan(bootstrap: str, topic: str) -> AsyncIterator[ConsumerRecord[Any, Any]]:
+async def scan(bootstrap: str, topic: str) -> AsyncGenerator[ConsumerRecord[Any, Any], None]:
     """Every record of `topic`, partition by partition interleaved, from the start to the end.
 
     Reading continues past the reported end offsets until a fetch comes back empty: some

@@ -228,6 +228,8 @@ def test_redrive_writes_only_this_apps_topics_and_truncated_letters_only_whole(
     # sample and analyze for people: nothing from a letter reaches the terminal raw
     shown = dlqtriage(worker, "sample", "--full", "--limit", "20", json_output=False)
     assert not RAW_CONTROL.search(shown.replace("\n", ""))
+    first = dlqtriage(worker, "sample", "--limit", "1", json_output=False)  # stops reading early
+    assert first.count("--- ") == 1 and "Task was destroyed" not in first and "Error" not in first, first
     assert "\\x1b]0;owned\\x07" in shown and "x-bin: \\xff\\x1b[2J" in shown
     assert shown.count("TRUNCATED: the value is the first") == 4
     assert f"of {len(big)} bytes" in shown and f"whole record is at {source}[0]@{big_at}" in shown
