@@ -131,12 +131,16 @@ class Settings:
             parse_auth(self.webhook_auth)
         except ValueError as error:
             raise ConfigError(f"INGEST_WEBHOOK_AUTH: {error}") from None
+        names: list[str] = []
         for name, parse, raw in (("INGEST_S3_SOURCES", parse_locations, self.s3_sources),
                                  ("INGEST_SFTP_SOURCES", parse_sftp_locations, self.sftp_sources)):
             try:
-                parse(raw)
+                names += [location.name for location in parse(raw)]
             except (ValueError, KeyError, TypeError) as error:
                 raise ConfigError(f"{name}: {error}") from None
+        taken = next((n for n in names if names.count(n) > 1 or n in SOURCES), None)
+        if taken is not None:  # adapters are looked up by name (/health/detailed .adapters[name])
+            raise ConfigError(f"INGEST_S3_SOURCES / INGEST_SFTP_SOURCES: the name {taken!r} is taken")
         if set(self.disabled_sources) - set(SOURCES):
             raise ConfigError(f"INGEST_DISABLED_SOURCES: unknown source(s); known: {SOURCES}")
         try:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -237,16 +237,41 @@ class S3Location:
     tenant: str
     bucket: str
     prefix: str = ""
+    name: str = ""  # how operators call it (/health/detailed .adapters["s3-main"]); see default_name
+
+    @property
+    def label(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def default_name(kind: str, index: int) -> str:
+    """A location's name when the settings give none: `<kind>-main` for the first, then
+    `<kind>-2`, `<kind>-3`, … (the operators' runbook calls the usual one `s3-main`)."""
+    return f"{kind}-main" if index == 0 else f"{kind}-{index + 1}"
 
 
 def parse_locations(raw: str) -> list[S3Location]:
-    """`INGEST_S3_SOURCES`: a JSON list of {"tenant", "bucket", "prefix"}."""
+    """`INGEST_S3_SOURCES`: a JSON list of {"name"?, "tenant", "bucket", "prefix"}."""
     if not raw.strip():
         return []
     data = orjson.loads(raw)
     if not isinstance(data, list):
-        raise ValueError("a JSON list of {tenant, bucket, prefix}")
-    return [S3Location(d["tenant"], d["bucket"], d.get("prefix", "")) for d in data]
+        raise ValueError("a JSON list of {name, tenant, bucket, prefix}")
+    return _named([S3Location(d["tenant"], d["bucket"], d.get("prefix", ""), d.get("name") or "")
+                   for d in data], "s3")
+
+
+LocationT = TypeVar("LocationT", "S3Location", "SftpLocation")
+
+
+def _named(locations: list[LocationT], kind: str) -> list[LocationT]:
+    named = [location if location.name else replace(location, name=default_name(kind, index))
+             for index, location in enumerate(locations)]
+    names = [location.name for location in named]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate is not None:
+        raise ValueError(f"two locations are named {duplicate!r}")
+    return named
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +287,7 @@ class SftpLocation:
     complete: str = "stable"  # "stable" (size+mtime unchanged since the last poll) or "marker"
     marker: str = ".done"
     done_dir: str | None = None  # move finished files there (relative to `path`, or absolute)
+    name: str = ""  # how operators call it (/health/detailed .adapters["sftp-main"]); default_name
 
     @property
     def label(self) -> str:
@@ -276,7 +302,7 @@ def parse_sftp_locations(raw: str) -> list[SftpLocation]:
     data = orjson.loads(raw)
     if not isinstance(data, list):
         raise ValueError("a JSON list of SFTP locations")
-    locations = [SftpLocation(**entry) for entry in data]
+    locations = _named([SftpLocation(**entry) for entry in data], "sftp")
     for location in locations:
         if location.complete not in ("stable", "marker"):
             raise ValueError(f"{location.label}: complete is 'stable' or 'marker'")

@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from ingest_stream.core.files import (
@@ -46,6 +47,7 @@ from ingest_stream.core.files import (
     plan_for,
     read_lines,
 )
+from ingest_stream.core.timefmt import format_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +191,12 @@ class FileFeeder:
         await self._checkpoint(name, [], FileCheckpoint(previous.version if previous else "", 0,
                                                         previous.lines if previous else 0, done=True,
                                                         vanished=True), FeedResult())
+
+
+def location_health(health: dict[str, Any], name: str) -> dict[str, Any]:
+    """One location's entry in its source's health (`/health/detailed` `.adapters[name]`), stamped
+    with this poll's time."""
+    entry: dict[str, Any] = health.setdefault("locations", {}).setdefault(
+        name, {"last_poll_at": None, "last_error": None, "backlog_files": None})
+    entry["last_poll_at"] = format_rfc3339(datetime.now(UTC))
+    return entry

@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 
 from ingest_stream.config import Settings
 from ingest_stream.core.files import S3Location, parse_locations
-from ingest_stream.sources.feeder import FileFeeder, ProduceFailed
+from ingest_stream.sources.feeder import FileFeeder, ProduceFailed, location_health
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 1024
@@ -49,14 +49,18 @@ class S3Source:
                 aws_access_key_id=s.s3_access_key_id, aws_secret_access_key=s.s3_secret_access_key) as client:
             backlog = 0
             for location in self.locations:
-                where = f"s3://{location.bucket}/{location.prefix}"
+                where = location.label
+                health = location_health(self._health, location.name)
                 try:
-                    backlog += await self._poll_location(client, location)
+                    waiting = await self._poll_location(client, location)
+                    backlog += waiting
+                    health.update(backlog_files=waiting, last_error=None)
                 except ProduceFailed:
                     raise
                 except Exception as error:  # this location only; the next one is polled
                     log.warning("%s (tenant %s) not polled: %s", where, location.tenant, error, exc_info=True)
                     failed.append(f"{where}: {type(error).__name__}: {error}")
+                    health["last_error"] = f"{type(error).__name__}: {error}"[:300]
             self._health["backlog_files"] = backlog
         if failed:
             raise PollIncomplete("; ".join(failed))

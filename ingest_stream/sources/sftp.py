@@ -19,7 +19,7 @@ from typing import Any
 import asyncssh
 
 from ingest_stream.core.files import SftpLocation
-from ingest_stream.sources.feeder import FileFeeder, ProduceFailed
+from ingest_stream.sources.feeder import FileFeeder, ProduceFailed, location_health
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 1024
@@ -43,6 +43,7 @@ class SftpSource:
         backlog = 0
         failed: list[str] = []
         for location in self.locations:
+            health = location_health(self._health, location.name)
             try:
                 async with asyncssh.connect(
                         location.host, port=location.port, username=location.username,
@@ -50,13 +51,16 @@ class SftpSource:
                         client_keys=[location.client_key] if location.client_key else None,
                         known_hosts=location.known_hosts) as connection, \
                         connection.start_sftp_client() as sftp:
-                    backlog += await self._poll_location(location, sftp)
+                    waiting = await self._poll_location(location, sftp)
+                    backlog += waiting
+                    health.update(backlog_files=waiting, last_error=None)
             except ProduceFailed:
                 raise
             except Exception as error:  # this location only; the next one is polled
                 log.warning("%s (tenant %s) not polled: %s", location.label, location.tenant, error,
                             exc_info=True)
                 failed.append(f"{location.label}: {type(error).__name__}: {error}")
+                health["last_error"] = f"{type(error).__name__}: {error}"[:300]
         self._health["backlog_files"] = backlog
         if failed:
             raise PollIncomplete("; ".join(failed))

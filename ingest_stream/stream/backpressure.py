@@ -17,6 +17,7 @@ import faust
 
 from ingest_stream.config import SOURCES, Settings
 from ingest_stream.core.backpressure import Backpressure, Lag, State
+from ingest_stream.core.files import S3Location, SftpLocation, parse_locations, parse_sftp_locations
 from ingest_stream.core.tokenbucket import TokenBucket
 from ingest_stream.metrics import Metrics
 from ingest_stream.ops.lag import LagProbe, PartitionLag
@@ -42,6 +43,8 @@ class BackpressureController:
         self.sink_topics = {settings.sink_topic(s): s for s in settings.sinks}
         self.lags: list[PartitionLag] = []
         self.adapter_health: dict[str, dict[str, Any]] = {}  # per source, kept by its adapter
+        self._locations: dict[str, Sequence[S3Location | SftpLocation]] = {
+            "s3": parse_locations(settings.s3_sources), "sftp": parse_sftp_locations(settings.sftp_sources)}
         self.measured_at: float | None = None  # time.time() of the last lag measurement
         self.sink_slots = asyncio.Semaphore(settings.max_concurrent_sink_writes)
         self._resumed = asyncio.Event()
@@ -197,17 +200,29 @@ class BackpressureController:
         await self.apply()
 
     def adapters(self) -> dict[str, dict[str, Any]]:
-        """Per source: lag in records and seconds, enabled."""
+        """Per adapter, by name: its kind, source topic (lag in records and seconds), enabled, and
+        what its adapter keeps. Each S3/SFTP location is an adapter of its own (`s3-main`, …: the
+        names of INGEST_S3_SOURCES / INGEST_SFTP_SOURCES); a kind without a location is listed by
+        its kind (records can be written to its topic directly)."""
         found: dict[str, dict[str, Any]] = {}
         for topic, source in self.source_topics.items():
             mine = [lag for lag in self.lags if lag.topic == topic]
-            found[source] = {
+            health = dict(self.adapter_health.get(source, {}))
+            per_location = health.pop("locations", {})
+            common = {
+                "kind": source,
                 "topic": topic,
                 "enabled": source not in self.disabled,
                 "lag_records": sum(lag.records for lag in mine),
                 "lag_seconds": round(max((lag.seconds for lag in mine), default=0.0), 3),
-                **self.adapter_health.get(source, {}),
+                **health,
             }
+            located = self._locations.get(source, [])
+            if not located:
+                found[source] = common
+            for location in located:
+                found[location.name] = {**common, "location": location.label, "tenant": location.tenant,
+                                        **per_location.get(location.name, {})}
         return found
 
     def status(self) -> dict[str, Any]:

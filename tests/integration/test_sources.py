@@ -187,8 +187,11 @@ def test_s3_objects_are_fed_resumed_exactly_after_a_kill_and_replaced_objects_re
                context=worker.log_tail)
     assert sorted(lines_by_file(kafka, topic)[f"s3://{bucket}/acme/c.jsonl"]) == sorted(
         [*range(1, 11), *range(1, 16)])
-    health = worker.get_json("/health/detailed")["adapters"]["s3"]
+    adapters = worker.get_json("/health/detailed")["adapters"]
+    health = adapters["s3-main"]  # the operators' runbook: jq '.adapters["s3-main"]'
+    assert (health["kind"], health["location"], health["tenant"]) == ("s3", f"s3://{bucket}/acme/", tenant)
     assert health["last_poll_at"] and health["last_error"] is None and health["last_file_error"] is None
+    assert health["backlog_files"] == 0 and "s3" not in adapters  # a configured kind: by its names
 
 
 def _assert_at_least(value: float, minimum: float) -> None:
@@ -242,4 +245,7 @@ def test_sftp_files_are_taken_when_complete_resumed_after_a_kill_and_moved_when_
     (marked / "d.jsonl.done").write_bytes(b"")
     eventually(lambda: assert_equal(len(sinks.postgres([tenant])), total + 7), timeout_s=60,
                context=worker.log_tail)
-    assert worker.get_json("/health/detailed")["adapters"]["sftp"]["last_error"] is None
+    adapters = worker.get_json("/health/detailed")["adapters"]
+    assert {name: adapters[name]["kind"] for name in adapters if name.startswith("sftp")} == {
+        "sftp-main": "sftp", "sftp-2": "sftp"}, adapters  # two locations, named by default
+    assert adapters["sftp-main"]["last_error"] is None and adapters["sftp-2"]["last_error"] is None

@@ -167,3 +167,19 @@ def test_zlib_keeps_the_rest_of_the_input_after_a_member_in_unused_data():
     while not member.eof:
         member.decompress(member.unconsumed_tail, 10)
     assert member.unused_data == second
+
+
+def test_locations_are_named_by_default_and_a_name_is_taken_once():
+    from ingest_stream.config import Settings
+    from ingest_stream.core.files import parse_locations
+    from ingest_stream.errors import ConfigError
+
+    three = orjson.dumps([{"tenant": "a", "bucket": "b"}, {"tenant": "a", "bucket": "c", "name": "archive"},
+                          {"tenant": "a", "bucket": "d"}]).decode()
+    assert [location.name for location in parse_locations(three)] == ["s3-main", "archive", "s3-3"]
+    twice = orjson.dumps([{"tenant": "a", "bucket": "b", "name": "x"},
+                          {"tenant": "a", "bucket": "c", "name": "x"}])
+    with pytest.raises(ValueError, match="two locations are named 'x'"):
+        parse_locations(twice.decode())
+    with pytest.raises(ConfigError, match="the name 'kafka' is taken"):
+        Settings(s3_sources=orjson.dumps([{"tenant": "a", "bucket": "b", "name": "kafka"}]).decode())
