@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="the effective settings (secrets masked); unknown "
                                                 "INGEST_* names are warned about")
     config.add_argument("--json", action="store_true", help="machine-readable output")
+    rec = commands.add_parser("reconcile", help="compare the sinks per tenant (counts, ids, revisions) "
+                                              "and open dead letters; exit 1 on a mismatch")
+    rec.add_argument("--tenant", help="one tenant (default: every tenant any sink holds)")
+    rec.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -62,6 +66,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return run_dev(args.root, demo_rate=args.demo_rate)
     if args.command == "lag":
         return run_lag(args)
+    if args.command == "reconcile":
+        from ingest_stream.ops.reconcile import run_reconcile
+
+        return run_reconcile(tenant=args.tenant, as_json=args.json)
     return run_produce(args, parser)
 
 
