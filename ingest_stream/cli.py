@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="the effective settings (secrets masked); unknown "
                                                 "INGEST_* names are warned about")
     config.add_argument("--json", action="store_true", help="machine-readable output")
+    points = commands.add_parser("checkpoints", help="per tenant and source: the last offset forwarded "
+                                                     "and the latest event time (from the table's changelog)")
+    points.add_argument("--tenant")
+    points.add_argument("--source", choices=("kafka", "webhook", "s3", "sftp"))
+    points.add_argument("--json", action="store_true", help="machine-readable output")
+    stats = commands.add_parser("dedupe-stats", help="per source: dedupe keys held, oldest, TTL, evicted")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
     rec = commands.add_parser("reconcile", help="compare the sinks per tenant (counts, ids, revisions) "
                                               "and open dead letters; exit 1 on a mismatch")
     rec.add_argument("--tenant", help="one tenant (default: every tenant any sink holds)")
@@ -66,6 +73,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return run_dev(args.root, demo_rate=args.demo_rate)
     if args.command == "lag":
         return run_lag(args)
+    if args.command in ("checkpoints", "dedupe-stats"):
+        return run_table_state(args)
     if args.command == "reconcile":
         from ingest_stream.ops.reconcile import run_reconcile
 
@@ -110,6 +119,34 @@ def run_lag(args: argparse.Namespace) -> int:
     total = sum(r.records for r in rows)
     print(f"total lag {total} record(s); oldest waiting {max((r.seconds for r in rows), default=0):.1f}s")
     return 0
+
+
+def run_table_state(args: argparse.Namespace) -> int:
+    import time
+
+    from ingest_stream.config import SOURCES, Settings
+    from ingest_stream.ops.output import format_table, write_json
+    from ingest_stream.ops.table_state import checkpoints, dedupe_stats
+
+    settings = Settings.from_env()
+
+    async def show() -> int:
+        if args.command == "checkpoints":
+            rows = await checkpoints(settings, tenant=args.tenant,
+                                     sources=[args.source] if args.source else SOURCES)
+            columns = ("tenant", "source", "topic", "partition", "offset", "event_time", "updated_at")
+        else:
+            rows = await dedupe_stats(settings, now_ms=int(time.time() * 1000))
+            columns = ("source", "keys", "evicted", "ttl_s", "oldest_first_seen", "newest_first_seen",
+                       "expired_not_evicted")
+        if args.json:
+            write_json(rows, sys.stdout)
+        else:
+            print(format_table([c.upper() for c in columns], [[r[c] for c in columns] for r in rows]))
+        return 0
+
+    return run_command(f"ingest-stream {args.command}", show, errors=(KafkaError, OSError),
+                       interrupted="nothing was changed")
 
 
 def run_config(args: argparse.Namespace) -> int:
