@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: help setup dev test unit integration lint typecheck bench fuzz clean
+.PHONY: help setup setup-browser dev test unit integration lint typecheck bench fuzz clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,18 +22,27 @@ $(VENV)/bin/promtool: | $(STAMP)
 	  dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$(VENV)/bin/promtool && \
 	  cd / && rm -rf $$tmp
 
+# Debian's chromium for the operator page's browser test (headless; never a downloaded browser).
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -q --no-install-recommends chromium)
+
 setup: $(STAMP)  ## create .venv: the package, embedded servers, test tools
+
+setup-browser: $(CHROMIUM)  ## install Debian's chromium (apt-get) for the page test
 
 dev: setup  ## run the whole pipeline on embedded servers (Ctrl-C stops everything)
 	$(VENV)/bin/ingest-stream dev
 
-test: setup $(VENV)/bin/promtool lint typecheck  ## lint, type-check, then every test (unit + integration on real servers)
+test: setup $(VENV)/bin/promtool $(CHROMIUM) lint typecheck  ## lint, type-check, then every test (unit + integration on real servers)
 	$(PY) -m pytest --durations=15 -rfEs
 
 unit: setup  ## the fast unit tests only
 	$(PY) -m pytest tests/unit
 
-integration: setup $(VENV)/bin/promtool  ## the integration tests only
+integration: setup $(VENV)/bin/promtool $(CHROMIUM)  ## the integration tests only
 	$(PY) -m pytest tests/integration
 
 lint: setup  ## ruff

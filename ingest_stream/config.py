@@ -61,6 +61,8 @@ class Settings:
     typesense_api_key: str = field(default="dev-typesense-key", repr=False)
     sink_failure_policy: str = "hold"
     admin_token: str | None = field(default=None, repr=False)
+    # The operator page and the audit/KPI/checkpoint views: HTTP Basic, the token as the password.
+    viewer_token: str | None = field(default=None, repr=False)
     web_host: str = "0.0.0.0"
     web_port: int = 8080
     data_dir: Path = Path("./data")

@@ -78,7 +78,7 @@ def _banner(stack: DevStack, settings: Settings) -> str:
         f"  postgres   {stack.postgres_dsn}",
         f"  graph      {stack.neo4j_uri} (FalkorDB over Bolt)",
         f"  typesense  {stack.typesense_url}  (api key {stack.typesense_api_key})",
-        f"  worker     http://127.0.0.1:{settings.web_port}/health  /health/detailed  /metrics",
+        f"  worker     http://127.0.0.1:{settings.web_port}/  (operator page)  /health/detailed  /metrics",
         f"  admin      curl -X POST -H 'Authorization: Bearer {settings.admin_token}' "
         f"http://127.0.0.1:{settings.web_port}/admin/drain   (then /admin/resume)",
         f"  webhook    curl -X POST -H 'X-Tenant: tenant-0' -H 'Authorization: Bearer dev-webhook-token' "

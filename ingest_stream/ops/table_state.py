@@ -10,14 +10,12 @@ Faust writes a table's keys and values JSON-encoded: a checkpoint's value is the
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from ingest_stream.config import SOURCES, Settings
-from ingest_stream.core.dedupe import SeenEntry
-from ingest_stream.core.timefmt import format_rfc3339
+from ingest_stream.core.checkpoints import checkpoint_rows, dedupe_row
 from ingest_stream.ops.kafka_io import scan
 
 
@@ -49,33 +47,17 @@ async def checkpoints(settings: Settings, *, tenant: str | None = None,
     rows = []
     for source in sources:
         entries, _ = await latest(settings, f"checkpoints-{source}")
-        for key, value in entries.items():
-            owner, _, partition = key.rpartition(":")
-            owner_tenant = owner.rpartition(":")[0]
-            if tenant is not None and owner_tenant != tenant:
-                continue
-            doc = orjson.loads(value)
-            rows.append({"tenant": owner_tenant, "source": source, "topic": doc["topic"],
-                         "partition": int(partition), "offset": doc["offset"],
-                         "event_time": _rfc3339(doc["event_time_ms"]),
-                         "updated_at": _rfc3339(doc["updated_at_ms"])})
+        rows += checkpoint_rows(entries.items(), tenant=tenant)
     return sorted(rows, key=lambda r: (r["tenant"], r["source"], r["partition"]))
 
 
 async def dedupe_stats(settings: Settings, *, now_ms: int) -> list[dict[str, Any]]:
-    """Per source: the dedupe keys held, the oldest and newest first sighting, the TTL, the keys
-    past it not evicted yet (the eviction timer runs every INGEST_DEDUPE_EVICT_INTERVAL_S), and the
-    keys evicted so far."""
-    ttl_ms = settings.dedupe_ttl_s * 1000
+    """Per source: the dedupe keys held and evicted (core/checkpoints.dedupe_row)."""
     rows = []
     for source in SOURCES:
         entries, evicted = await latest(settings, f"dedupe-{source}")
-        seen = [SeenEntry.decode(value).first_seen_ms for value in entries.values()]
-        rows.append({"source": source, "keys": len(seen), "evicted": evicted,
-                     "ttl_s": settings.dedupe_ttl_s,
-                     "oldest_first_seen": _rfc3339(min(seen)) if seen else None,
-                     "newest_first_seen": _rfc3339(max(seen)) if seen else None,
-                     "expired_not_evicted": sum(now_ms - ms >= ttl_ms for ms in seen)})
+        rows.append(dedupe_row(source, entries.values(), evicted=evicted, ttl_s=settings.dedupe_ttl_s,
+                               now_ms=now_ms))
     return rows
 
 
@@ -83,7 +65,3 @@ def _text(raw: bytes) -> str:
     """A Faust table's key or value: JSON text of a string."""
     decoded = orjson.loads(raw)
     return decoded if isinstance(decoded, str) else raw.decode()
-
-
-def _rfc3339(epoch_ms: int) -> str:
-    return format_rfc3339(datetime.fromtimestamp(epoch_ms / 1000, UTC))

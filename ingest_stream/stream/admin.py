@@ -100,8 +100,8 @@ class AuditTrail:
         return list(self._recent)[-limit:] if limit > 0 else []
 
 
-def install_admin_routes(app: faust.App, settings: Settings, controller: BackpressureController) -> None:
-    audit = AuditTrail(settings.data_dir / AUDIT_FILE)
+def install_admin_routes(app: faust.App, settings: Settings, controller: BackpressureController,
+                         audit: AuditTrail) -> None:
     if not settings.admin_token:
         log.warning("INGEST_ADMIN_TOKEN is not set: every /admin route answers 401")
 

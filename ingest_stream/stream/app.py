@@ -14,19 +14,19 @@ from typing import Any
 import faust
 import mode
 from faust.types import EventT
-from faust.web import Request, Response, View
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingest_stream.config import SOURCES, Settings, unknown_names
+from ingest_stream.core.audit import IngestAudit
 from ingest_stream.core.backoff import BackoffPolicy
 from ingest_stream.core.breaker import BreakerPolicy, CircuitBreaker
 from ingest_stream.core.dlq import RECORD_OVERHEAD_BYTES
 from ingest_stream.core.schemas import RecordValidator
 from ingest_stream.core.stall import StallDetector
-from ingest_stream.metrics import Metrics
+from ingest_stream.metrics import LAG_BUCKETS_S, Metrics
 from ingest_stream.sinks.base import Sink
 from ingest_stream.sinks.guarded import GuardedSink
-from ingest_stream.stream.admin import install_admin_routes
+from ingest_stream.stream.admin import AUDIT_FILE as ADMIN_AUDIT_FILE
+from ingest_stream.stream.admin import AuditTrail, install_admin_routes
 from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.batching import BatchStream, IngestApp
 from ingest_stream.stream.dlq import DeadLetters
@@ -35,12 +35,14 @@ from ingest_stream.stream.source_agent import SourceProcessor
 from ingest_stream.stream.sources import install_file_sources
 from ingest_stream.stream.tables import (
     STORE_URL,
+    SourceTables,
     block_cache_bytes,
     declare_tables,
     evict_expired,
     memtable_bytes,
 )
 from ingest_stream.stream.topics import Topics, declare_topics
+from ingest_stream.stream.views import install_views
 from ingest_stream.stream.watchdog import install_watchdog
 from ingest_stream.stream.webhook import install_webhook
 
@@ -60,6 +62,9 @@ class Pipeline:
     sinks: dict[str, GuardedSink]
     stalls: StallDetector
     backpressure: BackpressureController
+    audit: IngestAudit
+    tables: dict[str, SourceTables]
+    admin_actions: AuditTrail
     consuming: bool = False  # partitions assigned at least once: the worker has joined its group
 
 
@@ -126,7 +131,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     validator = RecordValidator.from_directory(
         settings.schema_dir, max_record_bytes=settings.max_record_bytes)
     source_topics = frozenset(settings.source_topic(source) for source in SOURCES)
-    dead_letters = DeadLetters(topics.dlq, metrics, clock=lambda: datetime.now(UTC),
+    audit = IngestAudit(LAG_BUCKETS_S)
+    dead_letters = DeadLetters(topics.dlq, metrics, audit, clock=lambda: datetime.now(UTC),
                                source_topics=source_topics, max_letter_bytes=settings.max_letter_bytes)
     backoff = BackoffPolicy(base_s=settings.sink_retry_base_s, cap_s=settings.sink_retry_cap_s,
                             max_attempts=settings.sink_retry_attempts)
@@ -142,7 +148,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     }
     backpressure = BackpressureController(app, settings, metrics)
     stalls = StallDetector(settings.stall_timeout_s)
-    pipeline = Pipeline(settings, metrics, topics, sinks, stalls, backpressure)
+    pipeline = Pipeline(settings, metrics, topics, sinks, stalls, backpressure, audit, tables,
+                        AuditTrail(settings.data_dir / ADMIN_AUDIT_FILE))
     app.pipeline = pipeline  # type: ignore[attr-defined]
 
     acked: dict[Any, int] = {}  # TP -> one past the highest offset an agent acked (for the watchdog)
@@ -153,15 +160,15 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         processor = SourceProcessor(
             source, app=app, settings=settings, validator=validator, tables=tables[source],
             sink_topics=list(topics.sinks.values()), source_topics=source_topics,
-            dead_letters=dead_letters, metrics=metrics,
-            gate=backpressure)
+            dead_letters=dead_letters, metrics=metrics, audit=audit, gate=backpressure)
         _agent(app, f"process-{source}", topics.sources[source], processor.process,
                settings.source_batch_size, settings.batch_within_s, produced, acked)
         _eviction_timer(app, settings, source, tables[source].dedupe, metrics)
 
     for name, guarded in sinks.items():
         sink_processor = SinkProcessor(guarded, validator=validator, dead_letters=dead_letters,
-                                       metrics=metrics, gate=backpressure, source_topics=source_topics)
+                                       metrics=metrics, audit=audit, gate=backpressure,
+                                       source_topics=source_topics)
         _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.process,
                settings.sink_batch_size, settings.batch_within_s, produced, acked)
 
@@ -171,8 +178,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         sinks_by_topic={topics.sinks[name].get_topic_name(): sink for name, sink in sinks.items()},
         detector=pipeline.stalls, held=backpressure.held_topics, known_ends=backpressure.known_ends)
     _backpressure_timer(app, settings, backpressure)
-    _views(app, pipeline)
-    install_admin_routes(app, settings, backpressure)
+    install_views(app, pipeline)
+    install_admin_routes(app, settings, backpressure, pipeline.admin_actions)
     install_webhook(app, settings, topics.sources["webhook"], backpressure, metrics)
     install_file_sources(app, settings, topics.sources, backpressure, metrics)
     return app
@@ -267,72 +274,3 @@ def _backpressure_timer(app: faust.App, settings: Settings, controller: Backpres
     @app.on_before_shutdown.connect
     async def stop_lag_probe(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         await controller.stop()
-
-
-def _views(app: faust.App, pipeline: Pipeline) -> None:
-    @app.page("/health")
-    class Health(View):
-        async def get(self, request: Request) -> Response:
-            return self.json({"status": "ok"})
-
-    @app.page("/health/ready")
-    class Ready(View):
-        """Readiness (Kubernetes): the worker consumes (joined its group, no rebalance or table
-        recovery under way). Liveness stays /health. A down sink does not make it unready: its
-        agent holds, the sources go on (the webhook keeps taking records into Kafka), and every
-        worker unready at once would stall rollouts and node drains behind the PodDisruptionBudget;
-        /health/detailed and the circuit alerts say which sink is down."""
-
-        async def get(self, request: Request) -> Response:
-            waiting = not_ready(app, pipeline)
-            return self.json({"ready": not waiting, "waiting_for": waiting}, status=503 if waiting else 200)
-
-    @app.page("/health/detailed")
-    class HealthDetailed(View):
-        async def get(self, request: Request) -> Response:
-            return self.json(detailed_health(pipeline))
-
-    @app.page("/metrics")
-    class MetricsView(View):
-        async def get(self, request: Request) -> Response:
-            return self.bytes(generate_latest(pipeline.metrics.registry),
-                              content_type=CONTENT_TYPE_LATEST.split(";")[0])
-
-
-def not_ready(app: faust.App, pipeline: Pipeline) -> list[str]:
-    """What keeps the worker from consuming: joining its group, a rebalance, table recovery.
-    Empty when ready."""
-    waiting = []
-    if not pipeline.consuming:
-        waiting.append("joining the consumer group")
-    if getattr(app, "rebalancing", False):
-        waiting.append("a rebalance")
-    if getattr(app, "in_recovery", False):
-        waiting.append("table recovery")
-    return waiting
-
-
-def detailed_health(pipeline: Pipeline) -> dict[str, Any]:
-    """What an operator needs at a glance: each sink's circuit and last error, partitions waiting
-    without progress (the watchdog restarts the worker at `stall_timeout_s`), dead letters."""
-    sinks = {name: sink.health() for name, sink in pipeline.sinks.items()}
-    timeout_s = pipeline.settings.stall_timeout_s
-    waiting = {key: round(seconds, 1) for key, seconds in pipeline.stalls.waiting.items()}
-    dlq: dict[str, float] = {}
-    for metric in pipeline.metrics.dlq.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_total"):
-                reason = sample.labels["reason"]
-                dlq[reason] = dlq.get(reason, 0) + sample.value
-    degraded = any(s["circuit"] != "closed" for s in sinks.values()) or any(
-        seconds >= timeout_s / 2 for seconds in waiting.values())
-    backpressure = pipeline.backpressure.status()
-    degraded = degraded or backpressure["state"] != "normal"
-    return {
-        "status": "degraded" if degraded else "ok",
-        "adapters": pipeline.backpressure.adapters(),
-        "backpressure": backpressure,
-        "sinks": sinks,
-        "stalls": {"timeout_s": timeout_s, "waiting_without_progress_s": waiting},
-        "dlq": {"since_start_by_reason": {k: int(v) for k, v in sorted(dlq.items())}},
-    }

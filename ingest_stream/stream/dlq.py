@@ -19,6 +19,7 @@ from typing import Any
 import faust
 from faust.types import EventT
 
+from ingest_stream.core.audit import IngestAudit
 from ingest_stream.core.dlq import Position, failure_headers, fit_letter, trusted_origin
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.schemas import Rejected
@@ -40,10 +41,12 @@ def position_of(event: EventT[Any]) -> Position:
 
 
 class DeadLetters:
-    def __init__(self, topic: faust.TopicT, metrics: Metrics, clock: Callable[[], datetime], *,
-                 source_topics: Collection[str], max_letter_bytes: int) -> None:
+    def __init__(self, topic: faust.TopicT, metrics: Metrics, audit: IngestAudit,
+                 clock: Callable[[], datetime], *, source_topics: Collection[str],
+                 max_letter_bytes: int) -> None:
         self._topic = topic
         self._metrics = metrics
+        self._audit = audit
         self._clock = clock
         self._source_topics = frozenset(source_topics)
         self._max_letter_bytes = max_letter_bytes
@@ -72,6 +75,7 @@ class DeadLetters:
         failed = here if stage.sink is not None else None
         tenant = identity.get("tenant")
         self._metrics.dlq.labels(reason.value, stage.value).inc()
+        self._audit.letter(reason.value, now_s=self._clock().timestamp())
         self._metrics.tenant_dlq.labels(self._metrics.tenant(tenant, valid=record_valid), reason.value).inc()
         log.warning("dlq %s[%d]@%d tenant=%r id=%r reason=%s stage=%s: %r",  # %r: no raw control chars
                     here.topic, here.partition, here.offset, tenant and tenant[:64],

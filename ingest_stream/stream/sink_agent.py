@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Collection, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from typing import Any
 
 from faust.types import EventT
 
+from ingest_stream.config import SOURCES
 from ingest_stream.core.admission import CANARY
+from ingest_stream.core.audit import IngestAudit
 from ingest_stream.core.dlq import REPLAY_HEADER, header_value, read_origin, reprocessed
 from ingest_stream.core.guard import broken, looks_broken
 from ingest_stream.core.reasons import Reason, Stage
@@ -35,7 +38,8 @@ log = logging.getLogger(__name__)
 
 class SinkProcessor:
     def __init__(self, sink: GuardedSink, *, validator: RecordValidator, dead_letters: DeadLetters,
-                 metrics: Metrics, gate: BackpressureController, source_topics: Collection[str]) -> None:
+                 metrics: Metrics, audit: IngestAudit, gate: BackpressureController,
+                 source_topics: Collection[str]) -> None:
         self.sink = sink
         self._source_topics = source_topics
         self._gate = gate
@@ -43,6 +47,7 @@ class SinkProcessor:
         self.stage = Stage.for_sink(sink.name)
         self._dead_letters = dead_letters
         self._metrics = metrics
+        self._audit = audit
         self._lag_by_source: dict[str, Any] = {}  # lag histogram child per source (labels() costs)
 
     async def process(self, events: Sequence[EventT[Any]]) -> None:
@@ -65,6 +70,7 @@ class SinkProcessor:
             event_of[id(write)] = event
 
         dead_lettered: set[int] = set()
+        older_lettered: list[Write] = []
 
         async def dead_letter_older(older: list[Write]) -> None:
             """Before the batch is written (see GuardedSink.apply); once per write across retries."""
@@ -73,6 +79,7 @@ class SinkProcessor:
                 if write.replayed or id(write) in dead_lettered:
                     continue  # a replay re-sends history: older is expected there
                 dead_lettered.add(id(write))
+                older_lettered.append(write)
                 pending.append(await self._dead_letters.publish(
                     event_of[id(write)], reason=Reason.OLDER_REVISION, stage=self.stage,
                     error=f"$.revision: {write.revision} is older than the revision {self.sink.name} holds",
@@ -104,12 +111,18 @@ class SinkProcessor:
 
         now_ms = time.time() * 1000
         lag_of = self._lag_by_source
+        lags_of_tenant: dict[str, list[float]] = {}
         for write in outcome.applied:
             record = write.record
             lag = lag_of.get(record["source"])
             if lag is None:
                 lag = lag_of[record["source"]] = self._metrics.lag.labels(self.sink.name, record["source"])
-            lag.observe(max(0.0, (now_ms - epoch_ms(record["event_time"])) / 1000))
+            seconds = max(0.0, (now_ms - epoch_ms(record["event_time"])) / 1000)
+            lag.observe(seconds)
+            lags_of_tenant.setdefault(record["tenant"], []).append(seconds)
+        refused = [(r.identity if isinstance(r, Rejected) else {}, False) for _, r in rejected]
+        refused += [(_identity(w), True) for w in [*(w for w, _, _ in outcome.failed), *older_lettered]]
+        self._audit_batch(lags_of_tenant, refused, now_s=now_ms / 1000)
         records = self._metrics.sink_records
         for decision, items in (("applied", outcome.applied), ("skipped", outcome.skipped),
                                 ("older", outcome.older), ("failed", outcome.failed)):
@@ -119,6 +132,18 @@ class SinkProcessor:
         if outcome.applied:
             self._metrics.last_sink_commit.labels(self.sink.name).set(time.time())
 
+
+    def _audit_batch(self, lags_of_tenant: dict[str, list[float]],
+                     refused: list[tuple[Mapping[str, str], bool]], *, now_s: float) -> None:
+        """The batch in the ingest audit (core/audit.py): lags per tenant, dead letters per source
+        and tenant (bounded: a record that failed validation names any tenant and source)."""
+        tenant = self._metrics.tenant
+        for name, seconds in lags_of_tenant.items():
+            self._audit.lags(tenant(name), self.sink.name, seconds, now_s=now_s)
+        by_owner = Counter((identity["source"] if identity.get("source") in SOURCES else "other",
+                            tenant(identity.get("tenant"), valid=valid)) for identity, valid in refused)
+        for (source, owner), n in by_owner.items():
+            self._audit.count(source, owner, "refused", n, now_s=now_s)
 
     def _write_of(self, event: EventT[Any]) -> Write | Rejected:
         """Pure per-record work: whatever it raises is this record's failure (`process`)."""

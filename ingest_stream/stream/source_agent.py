@@ -19,12 +19,13 @@ from collections.abc import Awaitable, Collection, Sequence
 from typing import Any
 
 import faust
-import orjson
 from faust.types import EventT
 
 from ingest_stream.config import Settings
 from ingest_stream.core import dedupe
 from ingest_stream.core.admission import Forward, admit, canary_passes
+from ingest_stream.core.audit import IngestAudit
+from ingest_stream.core.checkpoints import Checkpoint, checkpoint_key
 from ingest_stream.core.guard import broken, looks_broken
 from ingest_stream.core.reasons import Stage
 from ingest_stream.core.record import entity_key
@@ -52,6 +53,7 @@ class SourceProcessor:
         source_topics: Collection[str],
         dead_letters: DeadLetters,
         metrics: Metrics,
+        audit: IngestAudit,
         gate: BackpressureController,
     ) -> None:
         self.source = source
@@ -71,6 +73,7 @@ class SourceProcessor:
         self._duplicate = metrics.records.labels(source, "duplicate")
         self._duplicates = metrics.duplicates.labels(source)
         self._metrics = metrics
+        self._audit = audit
 
     async def process(self, events: Sequence[EventT[Any]]) -> Awaitable[None]:
         """Validate, dedupe and send what the batch causes, in order; returns what is left before
@@ -82,7 +85,7 @@ class SourceProcessor:
         batches = RecordBatches(self._app.producer._ensure_producer())  # type: ignore[attr-defined]
         seen_keys = BatchedTableWrites(self._tables.dedupe)
         checkpoint_writes = BatchedTableWrites(self._tables.checkpoints)
-        counted: Counter[tuple[str, str]] = Counter()  # (tenant, outcome): the metrics, once per batch
+        counted: Counter[tuple[str | None, str]] = Counter()  # (tenant, outcome): counted once per batch
         rejected: list[tuple[EventT[Any], Rejected | Exception]] = []  # published after the batch check
         for event in events:
             try:
@@ -95,6 +98,7 @@ class SourceProcessor:
                 continue
             record = accepted.record
             if not self._gate.keeps(self.source, record["priority"]):
+                counted[record["tenant"], "dropped"] += 1
                 continue  # brownout: still in the source topic, for a replay (docs/design.md)
             if not accepted.reprocessed and self._is_duplicate(
                     event, dedupe.dedupe_key(accepted.encoded), seen_keys, now_ms):
@@ -104,7 +108,7 @@ class SourceProcessor:
             for topic_name in self._sink_topic_names:
                 await batches.add(topic_name, key, accepted.encoded, accepted.headers)
             counted[record["tenant"], "forwarded"] += 1
-            checkpoint = f"{record['tenant']}:{self.source}:{event.message.partition}"
+            checkpoint = checkpoint_key(record["tenant"], self.source, event.message.partition)
             previous = checkpoints.get(checkpoint)
             event_ms = epoch_ms(record["event_time"])
             checkpoints[checkpoint] = (event, max(event_ms, previous[1] if previous else event_ms))
@@ -113,10 +117,11 @@ class SourceProcessor:
             raise broken(f"process-{self.source}", len(events))
         for event, rejection in rejected:
             self._rejected.inc()
+            counted[_tenant_of(rejection), "rejected"] += 1
             deliveries.append(await (self._dead_letters.unexpected(event, rejection, stage=Stage.VALIDATE)
                                      if isinstance(rejection, Exception)
                                      else self._dead_letters.reject(event, rejection)))
-        self._count(counted)
+        self._count(counted, now_ms)
         self._write_checkpoints(checkpoints, checkpoint_writes, now_ms)
         await seen_keys.add_to(batches)
         await checkpoint_writes.add_to(batches)
@@ -137,10 +142,13 @@ class SourceProcessor:
         for writes in table_writes:
             await writes.persist_offsets(sent)
 
-    def _count(self, counted: Counter[tuple[str, str]]) -> None:
+    def _count(self, counted: Counter[tuple[str | None, str]], now_ms: int) -> None:
         by_outcome: Counter[str] = Counter()
         for (tenant, outcome), n in counted.items():
-            self._metrics.tenant_records.labels(self._metrics.tenant(tenant), outcome).inc(n)
+            label = self._metrics.tenant(tenant, valid=outcome != "rejected")
+            self._audit.count(self.source, label, outcome, n, now_s=now_ms / 1000)
+            if outcome in ("forwarded", "duplicate"):
+                self._metrics.tenant_records.labels(label, outcome).inc(n)
             by_outcome[outcome] += n
         if by_outcome["forwarded"]:
             self._outcomes.inc(by_outcome["forwarded"])
@@ -166,11 +174,15 @@ class SourceProcessor:
             make_current(event)
             previous = table.get(name)
             if previous is not None:
-                event_ms = max(event_ms, orjson.loads(previous)["event_time_ms"])
-            writes.set(event, name, orjson.dumps({
-                "topic": event.message.topic, "partition": event.message.partition,
-                "offset": event.message.offset, "event_time_ms": event_ms, "updated_at_ms": now_ms,
-            }).decode())
+                event_ms = max(event_ms, Checkpoint.decode(previous).event_time_ms)
+            message = event.message
+            writes.set(event, name, Checkpoint(message.topic, message.partition, message.offset,
+                                               event_ms, now_ms).encode())
+
+
+def _tenant_of(rejection: Rejected | Exception) -> str | None:
+    """The tenant a rejected record names, if any (only ever a bounded label: `Metrics.tenant`)."""
+    return None if isinstance(rejection, Exception) else rejection.identity.get("tenant")
 
 
 def _unexpected(rejection: Rejected | Exception) -> bool:

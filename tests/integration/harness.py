@@ -7,6 +7,7 @@ confluent-kafka (librdkafka), the sinks with their drivers and plain queries.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -176,6 +177,19 @@ class WorkerProcess:
             request.add_header("Authorization", f"Bearer {token}")
         with urllib.request.urlopen(request, timeout=5) as r:
             return json.loads(r.read())
+
+    def get(self, path: str, *, password: str | None = None) -> tuple[int, bytes]:
+        """GET with optional HTTP Basic (the viewer token as the password); (status, body), errors
+        included."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.web_port}{path}")
+        if password is not None:
+            credentials = base64.b64encode(f"ops:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {credentials}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=5) as r:

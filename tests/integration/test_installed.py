@@ -42,7 +42,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [wheel] = root.glob("ingest_stream-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for data in ("ingest_stream/schemas/input.schema.json", "ingest_stream/schemas/input.v1.schema.json",
-                 "ingest_stream/sinks/migrations/0001_ingest_records.sql", "ingest_stream/py.typed"):
+                 "ingest_stream/sinks/migrations/0001_ingest_records.sql", "ingest_stream/py.typed",
+                 "ingest_stream/stream/operator.html"):
         assert data in names, f"{data} is not in {wheel.name}"
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
@@ -104,6 +105,8 @@ def test_the_installed_wheel_runs_a_worker_that_writes_every_sink_and_the_dlq(
                          [("doc-2", "SCHEMA_DRIFT")], "dead letters")
 
         eventually(landed, timeout_s=120, context=worker.log_tail)
+        status, page = worker.get("/")  # the operator page, from the wheel's package data
+        assert status == 200 and b"/operator/state" in page, page[:200]
     finally:
         worker.stop()
 

@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from ingest_stream.stream.app import not_ready
+from ingest_stream.stream.views import not_ready
 
 
 def test_not_ready_until_it_joined_its_group_nor_during_a_rebalance_or_table_recovery():
