@@ -16,6 +16,8 @@ from ingest_stream import record_reader
 from ingest_stream.errors import ConfigError
 from ingest_stream.ops.output import add_version, run_command
 
+DEFAULT_SETTLE_S = 10.0  # ingest-stream reconcile --settle
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = add_version(argparse.ArgumentParser(prog="ingest-stream", description=__doc__))
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "and open dead letters; exit 1 on a mismatch")
     rec.add_argument("--tenant", help="one tenant (default: every tenant any sink holds)")
     rec.add_argument("--json", action="store_true", help="machine-readable output")
+    rec.add_argument("--settle", type=float, default=DEFAULT_SETTLE_S, metavar="SECONDS",
+                     help="read mismatched ids again after this long, and report only those still off "
+                          f"(records on their way through the sinks; default {DEFAULT_SETTLE_S:g}, 0: no)")
     return parser
 
 
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "reconcile":
         from ingest_stream.ops.reconcile import run_reconcile
 
-        return run_reconcile(tenant=args.tenant, as_json=args.json)
+        return run_reconcile(tenant=args.tenant, as_json=args.json, settle_s=args.settle)
     return run_produce(args, parser)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 DEFAULT_SAMPLE = 20
+RECHECK_LIMIT = 10_000  # mismatched ids read again per tenant; past it, the first look stands
 
 
 class Entry(NamedTuple):
@@ -90,6 +91,12 @@ class Diff:
     missing: dict[str, Mismatch] = field(default_factory=dict)  # sink -> ids other sinks hold
     revision: Mismatch = field(default_factory=Mismatch)  # held everywhere, revisions differ
     deleted: Mismatch = field(default_factory=Mismatch)  # same revision, deleted in one only
+    # Every mismatched id, up to `recheck_limit`: read again after the pipeline settled (a record
+    # on its way through the sinks is in one before the others), only those still off count.
+    recheck_limit: int = RECHECK_LIMIT
+    suspects: list[str] = field(default_factory=list)
+    suspects_overflow: bool = False
+    in_flight: int = 0
 
     def __post_init__(self) -> None:
         for sink in self.sinks:
@@ -97,6 +104,7 @@ class Diff:
 
     def observe(self, entity_id: str, views: Mapping[str, Entry | None]) -> None:
         self.compared += 1
+        before = self.mismatches
         held = {sink: views.get(sink) for sink in self.sinks}
         present = {sink: entry for sink, entry in held.items() if entry is not None}
         for sink, entry in held.items():
@@ -106,6 +114,20 @@ class Diff:
             self.revision.add(entity_id, self.limit)
         elif len({entry.deleted for entry in present.values()}) > 1:
             self.deleted.add(entity_id, self.limit)
+        if self.mismatches != before:
+            if len(self.suspects) < self.recheck_limit:
+                self.suspects.append(entity_id)
+            else:
+                self.suspects_overflow = True
+
+    def settled(self, again: Diff) -> Diff:
+        """This diff after its suspects were read again (`again`, over the suspects only): what
+        still disagrees. Kept as it is when there were too many suspects to read again."""
+        if self.suspects_overflow:
+            return self
+        again.compared = self.compared
+        again.in_flight = self.mismatches - again.mismatches
+        return again
 
     def feed(self, streams: Mapping[str, Iterable[Entry]]) -> None:
         """Merge one window of sorted streams (ids of later windows must all be greater)."""
@@ -121,6 +143,7 @@ class Diff:
         return {
             "compared": self.compared,
             "mismatches": self.mismatches,
+            "in_flight": self.in_flight,  # off at first, in agreement when read again
             "missing": {sink: m.as_dict() for sink, m in self.missing.items()},
             "revision_differs": self.revision.as_dict(),
             "deleted_differs": self.deleted.as_dict(),

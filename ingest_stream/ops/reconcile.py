@@ -11,6 +11,7 @@ that neither other sink holds are found by streaming its export. The merge itsel
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -46,6 +47,7 @@ SELECT id, revision, deleted FROM ingest_records
 WHERE tenant = $1 AND id COLLATE "C" > $2 ORDER BY id COLLATE "C" LIMIT $3
 """
 _PG_HAVE = "SELECT id FROM ingest_records WHERE tenant = $1 AND id = ANY($2::text[])"
+_PG_ENTRIES = "SELECT id, revision, deleted FROM ingest_records WHERE tenant = $1 AND id = ANY($2::text[])"
 # Nodes without a revision are link targets not ingested (yet): not entities of the graph sink.
 _GRAPH_COUNTS = """
 MATCH (n:Record) WHERE n.revision IS NOT NULL AND ($tenant IS NULL OR n.tenant = $tenant)
@@ -54,6 +56,10 @@ RETURN n.tenant AS tenant, n.deleted AS deleted, count(n) AS entities
 _GRAPH_PAGE = """
 MATCH (n:Record) WHERE n.tenant = $tenant AND n.revision IS NOT NULL AND n.id > $after
 RETURN n.id AS id, n.revision AS revision, n.deleted AS deleted ORDER BY n.id LIMIT $limit
+"""
+_GRAPH_ENTRIES = """
+UNWIND $ids AS i MATCH (n:Record {tenant: $tenant, id: i}) WHERE n.revision IS NOT NULL
+RETURN n.id AS id, n.revision AS revision, n.deleted AS deleted
 """
 _GRAPH_HAVE = """
 UNWIND $ids AS i MATCH (n:Record {tenant: $tenant, id: i}) WHERE n.revision IS NOT NULL RETURN n.id AS id
@@ -167,6 +173,19 @@ class Readers:
         rows = await self._cypher(_GRAPH_PAGE, tenant=tenant, after=after, limit=limit)
         return [Entry(r["id"], int(r["revision"]), bool(r["deleted"])) for r in rows]
 
+    async def entries(self, tenant: str, ids: Sequence[str]) -> dict[str, dict[str, Entry]]:
+        """sink -> id -> what it holds, for these ids of one tenant."""
+        held: dict[str, dict[str, Entry]] = {}
+        if "postgres" in self.sinks:
+            rows = await self.pg.fetch(_PG_ENTRIES, tenant, list(ids))
+            held["postgres"] = {r["id"]: Entry(r["id"], int(r["revision"]), bool(r["deleted"])) for r in rows}
+        if "neo4j" in self.sinks:
+            rows = await self._cypher(_GRAPH_ENTRIES, tenant=tenant, ids=list(ids))
+            held["neo4j"] = {r["id"]: Entry(r["id"], int(r["revision"]), bool(r["deleted"])) for r in rows}
+        if "typesense" in self.sinks:
+            held["typesense"] = await self.typesense_lookup(tenant, ids)
+        return held
+
     async def typesense_lookup(self, tenant: str, ids: Sequence[str]) -> dict[str, Entry]:
         """What Typesense holds for these ids of one tenant (the higher of document and tombstone)."""
         by_doc = {document_id(f"{tenant}:{i}"): i for i in ids}
@@ -277,6 +296,18 @@ async def diff_tenant(readers: Readers, tenant: str, *, page: int = PAGE, limit:
     return result
 
 
+async def recheck(readers: Readers, tenant: str, first: Diff, *, page: int = PAGE) -> Diff:
+    """`first` after its mismatched ids were read again from every sink (Diff.settled)."""
+    again = Diff(sinks=readers.sinks, limit=first.limit)
+    suspects = sorted(first.suspects)
+    for start in range(0, len(suspects), page):
+        ids = suspects[start:start + page]
+        held = await readers.entries(tenant, ids)
+        for entity_id in ids:
+            again.observe(entity_id, {sink: held[sink].get(entity_id) for sink in readers.sinks})
+    return first.settled(again)
+
+
 async def _typesense_only(readers: Readers, tenant: str, result: Diff) -> None:
     """Documents (or tombstones) Typesense holds for ids no other sink holds: the window merge
     above looked Typesense up only for the ids the other sinks have."""
@@ -311,7 +342,11 @@ async def open_dead_letters(settings: Settings, tenant: str | None) -> dict[str,
 
 
 async def reconcile(settings: Settings, *, tenant: str | None, limit: int = DEFAULT_SAMPLE,
-                    page: int = PAGE, progress: Progress | None = None) -> dict[str, Any]:
+                    page: int = PAGE, settle_s: float = 0.0, progress: Progress | None = None
+                    ) -> dict[str, Any]:
+    """Per tenant: counts, open dead letters and the id diff. With `settle_s`, the ids that
+    disagree are read again that long after (once for every tenant): a record on its way through
+    the sinks is in one before the others, so only what still disagrees is a mismatch."""
     readers = Readers(settings)
     try:
         await readers.open()
@@ -319,10 +354,16 @@ async def reconcile(settings: Settings, *, tenant: str | None, limit: int = DEFA
         letters = await open_dead_letters(settings, tenant)
         tenants = sorted({t for by_tenant in counts.values() for t in by_tenant} | set(letters)
                          if tenant is None else {tenant})
+        diffs = {name: await diff_tenant(readers, name, page=page, limit=limit, progress=progress)
+                 if name else Diff(sinks=readers.sinks, limit=limit) for name in tenants}
+        if settle_s > 0 and any(diff.mismatches for diff in diffs.values()):
+            if progress is not None:
+                progress.show(f"reconcile: reading the mismatched ids again in {settle_s:g}s")
+            await asyncio.sleep(settle_s)
+            diffs = {name: await recheck(readers, name, diff, page=page) if diff.mismatches else diff
+                     for name, diff in diffs.items()}
         report: list[dict[str, Any]] = []
-        for name in tenants:
-            diff = await diff_tenant(readers, name, page=page, limit=limit, progress=progress) \
-                if name else Diff(sinks=readers.sinks, limit=limit)
+        for name, diff in diffs.items():
             report.append({
                 "tenant": name,
                 "sinks": {s: counts.get(s, {}).get(name, {"live": 0, "deleted": 0}) for s in readers.sinks},
@@ -333,7 +374,7 @@ async def reconcile(settings: Settings, *, tenant: str | None, limit: int = DEFA
         if progress is not None:
             progress.done()
         await readers.close()
-    return {"sinks": readers.sinks, "tenants": report,
+    return {"sinks": readers.sinks, "settle_s": settle_s, "tenants": report,
             "mismatches": sum(t["mismatches"] for t in report)}
 
 
@@ -355,15 +396,19 @@ def print_report(document: dict[str, Any], out: TextIO) -> None:
                 more = " ..." if mismatch["count"] > len(mismatch["sample"]) else ""
                 ids = ", ".join(printable(i) for i in mismatch["sample"])
                 print(f"{name}: {what}: {mismatch['count']} id(s): {ids}{more}", file=out)
+        if t["in_flight"]:
+            print(f"{name}: {t['in_flight']} difference(s) were gone when read again "
+                  f"{document['settle_s']:g}s later (records on their way through the sinks)", file=out)
     total = document["mismatches"]
     print(f"{len(document['tenants'])} tenant(s); "
           + ("all sinks agree" if total == 0 else f"{total} mismatch(es)"), file=out)
 
 
-def run_reconcile(*, tenant: str | None, as_json: bool, limit: int = DEFAULT_SAMPLE) -> int:
+def run_reconcile(*, tenant: str | None, as_json: bool, settle_s: float, limit: int = DEFAULT_SAMPLE) -> int:
     async def main() -> int:
         settings = Settings.from_env()
-        document = await reconcile(settings, tenant=tenant, limit=limit, progress=Progress(sys.stderr))
+        document = await reconcile(settings, tenant=tenant, limit=limit, settle_s=settle_s,
+                                   progress=Progress(sys.stderr))
         if as_json:
             write_json(document, sys.stdout)
         else:

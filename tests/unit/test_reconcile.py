@@ -85,3 +85,24 @@ def test_typesense_holds_the_higher_of_document_and_tombstone() -> None:
     assert typesense_entry(e("a", 1), e("a", 2, True)) == e("a", 2, True)
     assert typesense_entry(None, e("a", 2, True)) == e("a", 2, True)
     assert typesense_entry(None, None) is None
+
+
+def test_every_mismatched_id_is_a_suspect_to_read_again_up_to_the_limit() -> None:
+    result = diff({"postgres": [e("a"), e("b", 2), e("c"), e("d")],
+                   "neo4j": [e("a"), e("b", 1), e("c", 1, True), e("e")]})
+    assert result.suspects == ["b", "c", "d", "e"] and not result.suspects_overflow
+    bounded = Diff(sinks=["postgres", "neo4j"], recheck_limit=2)
+    bounded.feed({"postgres": [e("a"), e("b"), e("c")], "neo4j": []})
+    assert bounded.suspects == ["a", "b"] and bounded.suspects_overflow
+
+
+def test_settled_keeps_only_what_still_disagrees_when_read_again() -> None:
+    first = diff({"postgres": [e("a"), e("b", 2)], "neo4j": [e("a", 2), e("b", 1), e("c")]})
+    assert first.mismatches == 3
+    again = diff({"postgres": [e("a", 2), e("b", 2)], "neo4j": [e("a", 2), e("b", 1), e("c", 1)]})
+    settled = first.settled(again)
+    assert (settled.mismatches, settled.in_flight, settled.compared) == (2, 1, 3)
+    assert settled.as_dict()["in_flight"] == 1 and settled.revision.sample == ["b"]
+    too_many = Diff(sinks=["postgres", "neo4j"], recheck_limit=1)
+    too_many.feed({"postgres": [e("a"), e("b")], "neo4j": []})
+    assert too_many.settled(Diff(sinks=["postgres", "neo4j"])) is too_many  # the first look stands
