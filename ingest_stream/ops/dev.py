@@ -31,22 +31,29 @@ def run_dev(root: Path, *, demo_rate: float) -> int:
         typesense_port=_port(8108),
     )
     print(f"starting the embedded stack under {stack.root} ...", flush=True)
-    stack.start()
-    web_port = _port(defaults.web_port)
-    # An admin token of its own, unless one is set, so the admin routes can be tried.
-    env = {"INGEST_ADMIN_TOKEN": DEV_ADMIN_TOKEN, "INGEST_WEBHOOK_AUTH": DEV_WEBHOOK_AUTH,
-           **os.environ, **stack.settings_env(),
-           "INGEST_WEB_PORT": str(web_port), "INGEST_DATA_DIR": str(stack.root / "worker-data")}
-    worker = subprocess.Popen([sys.executable, "-m", "ingest_stream.cli", "worker"], env=env)
-    settings = Settings.from_env(env)
-    print(_banner(stack, settings), flush=True)
+    # `kill` (SIGTERM: a terminal closing, a supervisor) stops the servers and the worker as
+    # Ctrl-C does; by default it ended this process at once and left every server running.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        stack.start()  # stops what it started if one server fails
+    except KeyboardInterrupt:
+        return 130
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        web_port = _port(defaults.web_port)
+        # An admin token of its own, unless one is set, so the admin routes can be tried.
+        env = {"INGEST_ADMIN_TOKEN": DEV_ADMIN_TOKEN, "INGEST_WEBHOOK_AUTH": DEV_WEBHOOK_AUTH,
+               **os.environ, **stack.settings_env(),
+               "INGEST_WEB_PORT": str(web_port), "INGEST_DATA_DIR": str(stack.root / "worker-data")}
+        worker = subprocess.Popen([sys.executable, "-m", "ingest_stream.cli", "worker"], env=env)
+        settings = Settings.from_env(env)
+        print(_banner(stack, settings), flush=True)
         asyncio.run(_demo_producer(settings, demo_rate, worker))
     except KeyboardInterrupt:
         pass
     finally:
         print("\nstopping ...", flush=True)
-        if worker.poll() is None:
+        if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.wait(30)
@@ -54,7 +61,11 @@ def run_dev(root: Path, *, demo_rate: float) -> int:
                 worker.kill()
         stack.stop()
         print("stopped.", flush=True)
-    return worker.returncode or 0
+    return (worker.returncode if worker is not None else 130) or 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
