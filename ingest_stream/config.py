@@ -16,8 +16,8 @@ from ingest_stream.core.backpressure import Thresholds
 from ingest_stream.core.files import parse_locations, parse_sftp_locations
 from ingest_stream.core.webhook import parse_auth
 from ingest_stream.errors import ConfigError
+from ingest_stream.sinks.registry import SINK_NAMES
 
-KNOWN_SINKS = ("postgres", "neo4j", "typesense")
 SOURCES = ("kafka", "webhook", "s3", "sftp")
 FAILURE_POLICIES = ("hold", "dlq")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ class Settings:
     topic_prefix: str = "ingest"
     partitions: int = 4
     table_standby_replicas: int = 1  # hot standby copies of each table partition on other workers
-    sinks: tuple[str, ...] = KNOWN_SINKS
+    sinks: tuple[str, ...] = SINK_NAMES
     postgres_dsn: str = field(default="postgresql://postgres@127.0.0.1:5432/postgres", repr=False)
     neo4j_uri: str = "bolt://127.0.0.1:7687"
     neo4j_user: str = "neo4j"
@@ -124,9 +124,9 @@ class Settings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        unknown = set(self.sinks) - set(KNOWN_SINKS)
+        unknown = set(self.sinks) - set(SINK_NAMES)
         if unknown:
-            raise ConfigError(f"INGEST_SINKS: unknown sink(s) {sorted(unknown)}; known: {KNOWN_SINKS}")
+            raise ConfigError(f"INGEST_SINKS: unknown sink(s) {sorted(unknown)}; known: {SINK_NAMES}")
         if self.sink_failure_policy not in FAILURE_POLICIES:
             raise ConfigError(f"INGEST_SINK_FAILURE_POLICY must be one of {FAILURE_POLICIES}")
         try:

@@ -23,8 +23,8 @@ from ingest_stream.core.dlq import RECORD_OVERHEAD_BYTES
 from ingest_stream.core.schemas import RecordValidator
 from ingest_stream.core.stall import StallDetector
 from ingest_stream.metrics import LAG_BUCKETS_S, Metrics
-from ingest_stream.sinks.base import Sink
 from ingest_stream.sinks.guarded import GuardedSink
+from ingest_stream.sinks.registry import build_sink
 from ingest_stream.stream.admin import AUDIT_FILE as ADMIN_AUDIT_FILE
 from ingest_stream.stream.admin import AuditTrail, install_admin_routes
 from ingest_stream.stream.backpressure import BackpressureController
@@ -66,25 +66,6 @@ class Pipeline:
     tables: dict[str, SourceTables]
     admin_actions: AuditTrail
     consuming: bool = False  # partitions assigned at least once: the worker has joined its group
-
-
-def build_sink(name: str, settings: Settings) -> Sink:
-    if name == "postgres":
-        from ingest_stream.sinks.postgres import PostgresSink
-
-        return PostgresSink(settings.postgres_dsn, timeout_s=settings.sink_timeout_s)
-    if name == "neo4j":
-        from ingest_stream.sinks.neo4j import Neo4jSink
-
-        return Neo4jSink(settings.neo4j_uri, user=settings.neo4j_user,
-                         password=settings.neo4j_password, batch_size=settings.neo4j_batch_size,
-                         flavor=settings.neo4j_flavor, timeout_s=settings.sink_timeout_s,
-                         max_request_bytes=settings.neo4j_max_request_bytes,
-                         concurrency=settings.neo4j_concurrency)
-    from ingest_stream.sinks.typesense import TypesenseSink
-
-    return TypesenseSink(settings.typesense_url, api_key=settings.typesense_api_key,
-                         timeout_s=settings.sink_timeout_s)
 
 
 def faust_options(settings: Settings) -> dict[str, Any]:
