@@ -32,7 +32,7 @@ def run_dev(root: Path, *, demo_rate: float) -> int:
     )
     print(f"starting the embedded stack under {stack.root} ...", flush=True)
     stack.start()
-    web_port = _port(defaults.web_port)
+    web_port = _port(defaults.web.port)
     # An admin token of its own, unless one is set, so the admin routes can be tried.
     env = {"INGEST_ADMIN_TOKEN": DEV_ADMIN_TOKEN, "INGEST_WEBHOOK_AUTH": DEV_WEBHOOK_AUTH,
            **os.environ, **stack.settings_env(),
@@ -78,11 +78,11 @@ def _banner(stack: DevStack, settings: Settings) -> str:
         f"  postgres   {stack.postgres_dsn}",
         f"  graph      {stack.neo4j_uri} (FalkorDB over Bolt)",
         f"  typesense  {stack.typesense_url}  (api key {stack.typesense_api_key})",
-        f"  worker     http://127.0.0.1:{settings.web_port}/  (operator page)  /health/detailed  /metrics",
-        f"  admin      curl -X POST -H 'Authorization: Bearer {settings.admin_token}' "
-        f"http://127.0.0.1:{settings.web_port}/admin/drain   (then /admin/resume)",
+        f"  worker     http://127.0.0.1:{settings.web.port}/  (operator page)  /health/detailed  /metrics",
+        f"  admin      curl -X POST -H 'Authorization: Bearer {settings.web.admin_token}' "
+        f"http://127.0.0.1:{settings.web.port}/admin/drain   (then /admin/resume)",
         f"  webhook    curl -X POST -H 'X-Tenant: tenant-0' -H 'Authorization: Bearer dev-webhook-token' "
-        f"-d @records.json http://127.0.0.1:{settings.web_port}/ingest/webhook",
+        f"-d @records.json http://127.0.0.1:{settings.web.port}/ingest/webhook",
         "  tools      .venv/bin/ingest-stream lag · .venv/bin/dlqtriage summary · .venv/bin/replayctl list",
         "  to point other commands at this stack:",
         *(f"    export {k}={v!r}" for k, v in stack.settings_env().items()),

@@ -44,10 +44,10 @@ classify = classifier(NAME, ERROR_RULES)
 
 
 def from_settings(settings: Settings) -> Neo4jSink:
-    return Neo4jSink(settings.neo4j_uri, user=settings.neo4j_user, password=settings.neo4j_password,
-                     batch_size=settings.neo4j_batch_size, flavor=settings.neo4j_flavor,
-                     timeout_s=settings.sink_timeout_s, max_request_bytes=settings.neo4j_max_request_bytes,
-                     concurrency=settings.neo4j_concurrency)
+    return Neo4jSink(settings.neo4j.uri, user=settings.neo4j.user, password=settings.neo4j.password,
+                     batch_size=settings.neo4j.batch_size, flavor=settings.neo4j.flavor,
+                     timeout_s=settings.sink.timeout_s, max_request_bytes=settings.neo4j.max_request_bytes,
+                     concurrency=settings.neo4j.concurrency)
 
 _UPSERT = """
 UNWIND $rows AS r

@@ -34,7 +34,7 @@ classify = classifier(NAME, ERROR_RULES)
 
 
 def from_settings(settings: Settings) -> PostgresSink:
-    return PostgresSink(settings.postgres_dsn, timeout_s=settings.sink_timeout_s)
+    return PostgresSink(settings.postgres.dsn, timeout_s=settings.sink.timeout_s)
 
 MIGRATIONS_LOCK_ID = 0x1A6E57  # pg_advisory lock held while migrating: workers start together
 

@@ -57,8 +57,8 @@ classify = classifier(NAME, ERROR_RULES, refine=_rate_limited)
 
 
 def from_settings(settings: Settings) -> TypesenseSink:
-    return TypesenseSink(settings.typesense_url, api_key=settings.typesense_api_key,
-                         timeout_s=settings.sink_timeout_s)
+    return TypesenseSink(settings.typesense.url, api_key=settings.typesense.api_key,
+                         timeout_s=settings.sink.timeout_s)
 
 COLLECTION = "ingest_records"
 TOMBSTONES = "ingest_records_tombstones"
