@@ -64,7 +64,7 @@ DEV_WEBHOOK_AUTH = ('{"tenant-0": {"token": "dev-webhook-token"}, '
 
 async def _demo_producer(settings: Settings, rate: float, worker: subprocess.Popen[bytes]) -> None:
     """A trickle of synthetic records until Ctrl-C (or until the worker exits)."""
-    values = (orjson.dumps(r) for r in synthetic_records(10**9, entities=200))
+    values = (orjson.dumps(r) for r in synthetic_records(10**9, entities=200, stamp_now=True))
     while worker.poll() is None:
         batch = [next(values) for _ in range(max(1, int(rate)))]
         await produce(settings, batch, topic=settings.source_topic("kafka"), progress_every=10**9)
