@@ -29,6 +29,9 @@ AUTOMATIC = (State.NORMAL, State.THROTTLED, State.BROWNOUT)  # by level
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
+    """The backpressure policy: the lag that enters each level, how a level is left, and what
+    throttled and brownout let through (settings INGEST_*_LAG_*, INGEST_BACKPRESSURE_*)."""
+
     throttle_lag_s: float = 30.0
     brownout_lag_s: float = 120.0
     throttle_lag_records: int = 100_000
@@ -36,6 +39,8 @@ class Thresholds:
     exit_ratio: float = 0.5  # a level is left when lag is below this share of its entry threshold...
     cool_down_s: float = 30.0  # ... for this long
     brownout_rate: float = 0.1  # share of low-priority records kept in an automatic brownout
+    throttle_rate: float = 1000.0  # source records per second while throttled (a token bucket)
+    lag_check_interval_s: float = 5.0  # how often the worker measures lag and moves the state
 
     def __post_init__(self) -> None:
         if not 0 < self.throttle_lag_s <= self.brownout_lag_s:
@@ -46,6 +51,8 @@ class Thresholds:
             raise ValueError("exit_ratio must be in (0, 1]")
         if not 0 <= self.brownout_rate <= 1:
             raise ValueError("brownout_rate must be in [0, 1]")
+        if self.throttle_rate <= 0 or self.lag_check_interval_s <= 0:
+            raise ValueError("throttle_rate and lag_check_interval_s must be positive")
 
 
 @dataclass(frozen=True, slots=True)

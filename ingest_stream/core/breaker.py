@@ -33,7 +33,7 @@ class BreakerPolicy:
     failure_threshold: int = 5
     failure_rate: float = 0.5
     window: int = 20
-    min_calls: int = 10
+    min_calls: int | None = None  # None: half the window
     open_s: float = 30.0
     half_open_calls: int = 1
 
@@ -87,7 +87,8 @@ class CircuitBreaker:
         if self._consecutive_failures >= self.policy.failure_threshold:
             return True
         calls = len(self._recent)
-        return calls >= self.policy.min_calls and sum(self._recent) / calls >= self.policy.failure_rate
+        min_calls = self.policy.window // 2 if self.policy.min_calls is None else self.policy.min_calls
+        return calls >= min_calls and sum(self._recent) / calls >= self.policy.failure_rate
 
     def _close(self) -> None:
         self._state = CircuitState.CLOSED

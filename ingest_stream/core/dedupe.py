@@ -11,8 +11,6 @@ import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 
-DEFAULT_TTL_MS = 7 * 24 * 3600 * 1000
-
 
 def dedupe_key(encoded: bytes) -> str:
     """SHA-256 of the record's canonical JSON (`record.encode`: current version, defaults filled)."""

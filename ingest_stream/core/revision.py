@@ -5,7 +5,8 @@ topic-partition and offset). That tells a genuinely out-of-order older revision 
 the held one) from at-least-once history being delivered again after a crash (it arrived *before*
 the held one, was applied then, and was superseded): the first goes to the DLQ, the second is
 skipped. Positions in different source partitions cannot be ordered, so there the older revision
-is rejected.
+is rejected. A replay re-sends history on purpose: an older revision it brings is skipped too.
+The whole rule is here; the sink agent dead-letters what comes out as `older`, nothing else.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ class RevisionDecision(StrEnum):
     APPLY = "apply"
     NOOP = "noop"  # an equal revision: a redelivery, nothing to do
     SUPERSEDED = "superseded"  # older, but from before the held one: redelivered history, skip
+    REPLAYED = "replayed"  # older, re-sent by a replay (history, expected there): skip
     OLDER = "older"  # the sink holds a newer revision: never applied, goes to the DLQ
 
 
-def decide(held: Version | None, incoming: Version, *, may_rewrite_equal: bool) -> RevisionDecision:
+def decide(held: Version | None, incoming: Version, *, may_rewrite_equal: bool,
+           replayed: bool = False) -> RevisionDecision:
     """Redriven and replayed records may rewrite an equal revision, never an older one."""
     if held is None or incoming.revision > held.revision:
         return RevisionDecision.APPLY
@@ -51,14 +54,14 @@ def decide(held: Version | None, incoming: Version, *, may_rewrite_equal: bool) 
         return RevisionDecision.APPLY if may_rewrite_equal else RevisionDecision.NOOP
     if incoming.arrived_before(held):
         return RevisionDecision.SUPERSEDED
-    return RevisionDecision.OLDER
+    return RevisionDecision.REPLAYED if replayed else RevisionDecision.OLDER
 
 
 @dataclass
 class BatchPlan(Generic[T]):
     apply: list[T] = field(default_factory=list)  # at most one per entity: its newest
-    skip: list[T] = field(default_factory=list)  # equal, superseded, or replaced within the batch
-    older: list[T] = field(default_factory=list)
+    skip: list[T] = field(default_factory=list)  # equal, superseded, replayed, or replaced in the batch
+    older: list[T] = field(default_factory=list)  # for the DLQ (OLDER_REVISION)
 
 
 def plan_batch(
@@ -68,6 +71,7 @@ def plan_batch(
     key: Callable[[T], str],
     version: Callable[[T], Version],
     may_rewrite_equal: Callable[[T], bool],
+    replayed: Callable[[T], bool] = lambda _: False,
 ) -> BatchPlan[T]:
     """Decide a batch as if its items were applied one by one, in order; keep each entity's last.
 
@@ -80,7 +84,8 @@ def plan_batch(
     for item in items:
         entity = key(item)
         incoming = version(item)
-        decision = decide(current.get(entity), incoming, may_rewrite_equal=may_rewrite_equal(item))
+        decision = decide(current.get(entity), incoming, may_rewrite_equal=may_rewrite_equal(item),
+                          replayed=replayed(item))
         if decision is RevisionDecision.APPLY:
             if entity in pending:
                 plan.skip.append(pending[entity])

@@ -40,7 +40,7 @@ def run_dev(root: Path, *, demo_rate: float) -> int:
         return 130
     worker: subprocess.Popen[bytes] | None = None
     try:
-        web_port = _port(defaults.web_port)
+        web_port = _port(defaults.web.port)
         # An admin token of its own, unless one is set, so the admin routes can be tried.
         env = {"INGEST_ADMIN_TOKEN": DEV_ADMIN_TOKEN, "INGEST_WEBHOOK_AUTH": DEV_WEBHOOK_AUTH,
                **os.environ, **stack.settings_env(),
@@ -75,7 +75,7 @@ DEV_WEBHOOK_AUTH = ('{"tenant-0": {"token": "dev-webhook-token"}, '
 
 async def _demo_producer(settings: Settings, rate: float, worker: subprocess.Popen[bytes]) -> None:
     """A trickle of synthetic records until Ctrl-C (or until the worker exits)."""
-    values = (orjson.dumps(r) for r in synthetic_records(10**9, entities=200))
+    values = (orjson.dumps(r) for r in synthetic_records(10**9, entities=200, stamp_now=True))
     while worker.poll() is None:
         batch = [next(values) for _ in range(max(1, int(rate)))]
         await produce(settings, batch, topic=settings.source_topic("kafka"), progress_every=10**9)
@@ -89,11 +89,11 @@ def _banner(stack: DevStack, settings: Settings) -> str:
         f"  postgres   {stack.postgres_dsn}",
         f"  graph      {stack.neo4j_uri} (FalkorDB over Bolt)",
         f"  typesense  {stack.typesense_url}  (api key {stack.typesense_api_key})",
-        f"  worker     http://127.0.0.1:{settings.web_port}/  (operator page)  /health/detailed  /metrics",
-        f"  admin      curl -X POST -H 'Authorization: Bearer {settings.admin_token}' "
-        f"http://127.0.0.1:{settings.web_port}/admin/drain   (then /admin/resume)",
+        f"  worker     http://127.0.0.1:{settings.web.port}/  (operator page)  /health/detailed  /metrics",
+        f"  admin      curl -X POST -H 'Authorization: Bearer {settings.web.admin_token}' "
+        f"http://127.0.0.1:{settings.web.port}/admin/drain   (then /admin/resume)",
         f"  webhook    curl -X POST -H 'X-Tenant: tenant-0' -H 'Authorization: Bearer dev-webhook-token' "
-        f"-d @records.json http://127.0.0.1:{settings.web_port}/ingest/webhook",
+        f"-d @records.json http://127.0.0.1:{settings.web.port}/ingest/webhook",
         "  tools      .venv/bin/ingest-stream lag · .venv/bin/dlqtriage summary · .venv/bin/replayctl list",
         "  to point other commands at this stack:",
         *(f"    export {k}={v!r}" for k, v in stack.settings_env().items()),

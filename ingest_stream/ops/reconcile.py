@@ -83,21 +83,21 @@ class Readers:
     async def open(self) -> None:
         s = self.settings
         if "postgres" in self.sinks:
-            self._pg = await asyncpg.connect(s.postgres_dsn, timeout=s.sink_timeout_s,
-                                             command_timeout=max(s.sink_timeout_s, 60.0))
+            self._pg = await asyncpg.connect(s.postgres.dsn, timeout=s.sink.timeout_s,
+                                             command_timeout=max(s.sink.timeout_s, 60.0))
         if "neo4j" in self.sinks:
-            self._graph = AsyncGraphDatabase.driver(s.neo4j_uri, auth=(s.neo4j_user, s.neo4j_password),
-                                                    connection_timeout=s.sink_timeout_s)
+            self._graph = AsyncGraphDatabase.driver(s.neo4j.uri, auth=(s.neo4j.user, s.neo4j.password),
+                                                    connection_timeout=s.sink.timeout_s)
         if "typesense" in self.sinks:
-            self._http = httpx.AsyncClient(base_url=s.typesense_url.rstrip("/"),
-                                           timeout=max(s.sink_timeout_s, 60.0),
-                                           headers={"X-TYPESENSE-API-KEY": s.typesense_api_key})
+            self._http = httpx.AsyncClient(base_url=s.typesense.url.rstrip("/"),
+                                           timeout=max(s.sink.timeout_s, 60.0),
+                                           headers={"X-TYPESENSE-API-KEY": s.typesense.api_key})
 
     async def close(self) -> None:
         if self._pg is not None:
             await self._pg.close()
         # FalkorDB stops answering new connections after a driver's close() (sinks/neo4j.py)
-        if self._graph is not None and self.settings.neo4j_flavor != "falkordb":
+        if self._graph is not None and self.settings.neo4j.flavor != "falkordb":
             await self._graph.close()
         if self._http is not None:
             await self._http.aclose()

@@ -247,7 +247,7 @@ class GuardedSink:
         self._planned = set()
         current = await self.sink.current_revisions(keys)
         plan = plan_batch(writes, current, key=lambda w: w.key, version=lambda w: w.version,
-                          may_rewrite_equal=lambda w: w.may_rewrite_equal)
+                          may_rewrite_equal=lambda w: w.may_rewrite_equal, replayed=lambda w: w.replayed)
         fresh = [w for w in plan.older if id(w) not in self._handed_over]
         if fresh and self._before_write is not None:
             await self._before_write(fresh)

@@ -21,16 +21,33 @@ import orjson
 from neo4j import AsyncGraphDatabase
 from neo4j import exceptions as neo4j_errors
 
+from ingest_stream.config import Settings
 from ingest_stream.core.reasons import Reason
 from ingest_stream.core.record import entity_key, split_entity_key
 from ingest_stream.core.revision import Version
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.errors import SinkError
 from ingest_stream.sinks.base import Write, translated_errors
-from ingest_stream.sinks.errors import classifier
+from ingest_stream.sinks.errors import Rule, classifier
 
 log = logging.getLogger(__name__)
-_classify = classifier("neo4j")
+NAME = "neo4j"
+ERROR_RULES: Sequence[Rule] = (
+    ((TimeoutError, neo4j_errors.TransientError), Reason.SINK_TIMEOUT),
+    ((neo4j_errors.ConstraintError, neo4j_errors.CypherTypeError, OverflowError),
+     Reason.CONSTRAINT_VIOLATION),
+    ((neo4j_errors.ServiceUnavailable, neo4j_errors.SessionExpired, OSError), Reason.CONNECTION_ERROR),
+    # The FalkorDB stand-in answers every error as a generic database error.
+    ((neo4j_errors.Neo4jError, neo4j_errors.DriverError), Reason.CONNECTION_ERROR),
+)
+classify = classifier(NAME, ERROR_RULES)
+
+
+def from_settings(settings: Settings) -> Neo4jSink:
+    return Neo4jSink(settings.neo4j.uri, user=settings.neo4j.user, password=settings.neo4j.password,
+                     batch_size=settings.neo4j.batch_size, flavor=settings.neo4j.flavor,
+                     timeout_s=settings.sink.timeout_s, max_request_bytes=settings.neo4j.max_request_bytes,
+                     concurrency=settings.neo4j.concurrency)
 
 _UPSERT = """
 UNWIND $rows AS r
@@ -67,7 +84,7 @@ _PROBE = "MERGE (p:IngestSinkProbe {name: 'ingest-stream'}) SET p.probed_at = ti
 
 
 class Neo4jSink:
-    name = "neo4j"
+    name = NAME
 
     def __init__(
         self, uri: str, *, user: str, password: str, batch_size: int, flavor: str,
@@ -87,7 +104,7 @@ class Neo4jSink:
             self._uri, auth=self._auth, connection_timeout=self._timeout_s,
             max_transaction_retry_time=0,  # retries are ours (backoff + circuit), not the driver's
         )
-        with translated_errors(_classify, "neo4j"):
+        with translated_errors(classify, NAME):
             for statement in _SCHEMA[self._flavor]:
                 try:
                     await self._driver.execute_query(statement)
@@ -110,12 +127,12 @@ class Neo4jSink:
         return self._driver
 
     async def probe_write(self) -> None:
-        with translated_errors(_classify, "neo4j"):
+        with translated_errors(classify, NAME):
             await self.driver.execute_query(_PROBE)
 
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
         found: dict[str, Version] = {}
-        with translated_errors(_classify, "neo4j"):
+        with translated_errors(classify, NAME):
             for start in range(0, len(keys), self._batch_size):
                 chunk = [dict(zip(("tenant", "id"), split_entity_key(k), strict=True))
                          for k in keys[start:start + self._batch_size]]
@@ -137,7 +154,7 @@ class Neo4jSink:
                 result = await tx.run(_UPSERT, rows=chunk)
                 await result.consume()
 
-        with translated_errors(_classify, "neo4j"):
+        with translated_errors(classify, NAME):
             if self._concurrency == 1:
                 async with self.driver.session() as session:
                     await session.execute_write(apply)

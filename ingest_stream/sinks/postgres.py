@@ -9,16 +9,32 @@ from importlib import resources
 import asyncpg
 import orjson
 
+from ingest_stream.config import Settings
 from ingest_stream.core.reasons import Reason
 from ingest_stream.core.record import entity_key, split_entity_key
 from ingest_stream.core.revision import Version
 from ingest_stream.core.timefmt import parse_rfc3339
 from ingest_stream.errors import SinkError
 from ingest_stream.sinks.base import Write, translated_errors
-from ingest_stream.sinks.errors import classifier
+from ingest_stream.sinks.errors import Rule, classifier
 
 log = logging.getLogger(__name__)
-_classify = classifier("postgres")
+NAME = "postgres"
+ERROR_RULES: Sequence[Rule] = (
+    ((TimeoutError, asyncpg.QueryCanceledError), Reason.SINK_TIMEOUT),
+    ((asyncpg.TooManyConnectionsError,), Reason.RATE_LIMITED),
+    ((asyncpg.IntegrityConstraintViolationError, asyncpg.DataError, OverflowError),
+     Reason.CONSTRAINT_VIOLATION),
+    # InternalClientError: the protocol state broke mid-operation, seen when the server shut
+    # down during a query; asyncpg terminates that connection ("most likely an IO error").
+    ((OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError),
+     Reason.CONNECTION_ERROR),
+)
+classify = classifier(NAME, ERROR_RULES)
+
+
+def from_settings(settings: Settings) -> PostgresSink:
+    return PostgresSink(settings.postgres.dsn, timeout_s=settings.sink.timeout_s)
 
 MIGRATIONS_LOCK_ID = 0x1A6E57  # pg_advisory lock held while migrating: workers start together
 
@@ -50,7 +66,7 @@ ON CONFLICT (name) DO UPDATE SET probed_at = now()
 
 
 class PostgresSink:
-    name = "postgres"
+    name = NAME
 
     def __init__(self, dsn: str, *, timeout_s: float) -> None:
         self._dsn = dsn
@@ -58,7 +74,7 @@ class PostgresSink:
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
-        with translated_errors(_classify, "postgres"):
+        with translated_errors(classify, NAME):
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=4, command_timeout=self._timeout_s,
                 reset=_nothing_to_reset,
@@ -78,12 +94,12 @@ class PostgresSink:
         return self._pool
 
     async def probe_write(self) -> None:
-        with translated_errors(_classify, "postgres"):
+        with translated_errors(classify, NAME):
             await self.pool.execute(_PROBE)
 
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
         tenants, ids = zip(*(split_entity_key(k) for k in keys), strict=True) if keys else ((), ())
-        with translated_errors(_classify, "postgres"):
+        with translated_errors(classify, NAME):
             rows = await self.pool.fetch(_CURRENT, list(tenants), list(ids))
         return {
             entity_key(row["tenant"], row["id"]):
@@ -98,7 +114,7 @@ class PostgresSink:
         rewrites = [w for w in writes if w.may_rewrite_equal]
         statements = [(_UPSERT.format(guard=guard), _columns(part))
                       for guard, part in (("<", normal), ("<=", rewrites)) if part]
-        with translated_errors(_classify, "postgres"):
+        with translated_errors(classify, NAME):
             if len(statements) == 1:
                 query, columns = statements[0]
                 await self.pool.execute(query, *columns)

@@ -21,16 +21,44 @@ import orjson
 import typesense
 from typesense import exceptions as ts_errors
 
+from ingest_stream.config import Settings
 from ingest_stream.core.backoff import parse_retry_after
 from ingest_stream.core.reasons import Reason
 from ingest_stream.core.revision import Version
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.errors import SinkError
 from ingest_stream.sinks.base import Write, translated_errors
-from ingest_stream.sinks.errors import HTTP_TOO_MANY_REQUESTS, classifier
+from ingest_stream.sinks.errors import Rule, classifier
 
 log = logging.getLogger(__name__)
-_classify = classifier("typesense")
+NAME = "typesense"
+HTTP_TOO_MANY_REQUESTS = 429
+ERROR_RULES: Sequence[Rule] = (
+    ((ts_errors.Timeout, httpx.TimeoutException, TimeoutError), Reason.SINK_TIMEOUT),
+    ((ts_errors.ObjectUnprocessable, ts_errors.RequestMalformed, OverflowError),
+     Reason.CONSTRAINT_VIOLATION),
+    ((ts_errors.TypesenseClientError, httpx.TransportError, OSError), Reason.CONNECTION_ERROR),
+)
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status the typesense client raised with (its first argument), if any."""
+    if isinstance(exc, ts_errors.TypesenseClientError) and exc.args and isinstance(exc.args[0], int):
+        return exc.args[0]
+    return None
+
+
+def _rate_limited(exc: BaseException) -> Reason | None:
+    """429 has no exception type of its own in the client: it raises the base type with the status."""
+    return Reason.RATE_LIMITED if _http_status(exc) == HTTP_TOO_MANY_REQUESTS else None
+
+
+classify = classifier(NAME, ERROR_RULES, refine=_rate_limited)
+
+
+def from_settings(settings: Settings) -> TypesenseSink:
+    return TypesenseSink(settings.typesense.url, api_key=settings.typesense.api_key,
+                         timeout_s=settings.sink.timeout_s)
 
 COLLECTION = "ingest_records"
 TOMBSTONES = "ingest_records_tombstones"
@@ -79,7 +107,7 @@ class ImportRejected(ts_errors.ObjectUnprocessable):
 
 
 class TypesenseSink:
-    name = "typesense"
+    name = NAME
 
     def __init__(self, url: str, *, api_key: str, timeout_s: float,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -108,7 +136,7 @@ class TypesenseSink:
         """The sink boundary (translated_errors), plus the server's Retry-After on a rate limit."""
         self._retry_after_s = None
         try:
-            with translated_errors(_classify, "typesense"):
+            with translated_errors(classify, NAME):
                 yield
         except SinkError as error:
             if error.reason is Reason.RATE_LIMITED and self._retry_after_s is not None:

@@ -38,11 +38,11 @@ class S3Source:
         self._settings = settings
         self._feeder = feeder
         self._health = health
-        self.locations: Sequence[S3Location] = parse_locations(settings.s3_sources)
+        self.locations: Sequence[S3Location] = parse_locations(settings.sources.s3_sources)
 
     async def poll(self) -> None:
         """One pass over every location: new, unfinished and replaced objects are fed."""
-        s = self._settings
+        s = self._settings.sources
         failed: list[str] = []
         async with get_session().create_client(
                 "s3", endpoint_url=s.s3_endpoint_url, region_name=s.s3_region,

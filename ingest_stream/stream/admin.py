@@ -102,12 +102,12 @@ class AuditTrail:
 
 def install_admin_routes(app: faust.App, settings: Settings, controller: BackpressureController,
                          audit: AuditTrail) -> None:
-    if not settings.admin_token:
+    if not settings.web.admin_token:
         log.warning("INGEST_ADMIN_TOKEN is not set: every /admin route answers 401")
 
     def guarded(view: View, request: Request, action: str, params: dict[str, Any]) -> Response | None:
         """401 (audited) unless the token matches; None when the caller may proceed."""
-        if bearer_allows(request.headers.get("Authorization"), settings.admin_token):
+        if bearer_allows(request.headers.get("Authorization"), settings.web.admin_token):
             return None
         _audit(audit, request, action, params, "refused: missing or wrong bearer token")
         return view.json({"error": "unauthorized"}, status=UNAUTHORIZED,

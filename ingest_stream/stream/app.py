@@ -17,14 +17,13 @@ from faust.types import EventT
 
 from ingest_stream.config import SOURCES, Settings, unknown_names
 from ingest_stream.core.audit import IngestAudit
-from ingest_stream.core.backoff import BackoffPolicy
-from ingest_stream.core.breaker import BreakerPolicy, CircuitBreaker
+from ingest_stream.core.breaker import CircuitBreaker
 from ingest_stream.core.dlq import RECORD_OVERHEAD_BYTES
 from ingest_stream.core.schemas import RecordValidator
 from ingest_stream.core.stall import StallDetector
 from ingest_stream.metrics import LAG_BUCKETS_S, Metrics
-from ingest_stream.sinks.base import Sink
 from ingest_stream.sinks.guarded import GuardedSink
+from ingest_stream.sinks.registry import build_sink
 from ingest_stream.stream.admin import AUDIT_FILE as ADMIN_AUDIT_FILE
 from ingest_stream.stream.admin import AuditTrail, install_admin_routes
 from ingest_stream.stream.backpressure import BackpressureController
@@ -68,32 +67,13 @@ class Pipeline:
     consuming: bool = False  # partitions assigned at least once: the worker has joined its group
 
 
-def build_sink(name: str, settings: Settings) -> Sink:
-    if name == "postgres":
-        from ingest_stream.sinks.postgres import PostgresSink
-
-        return PostgresSink(settings.postgres_dsn, timeout_s=settings.sink_timeout_s)
-    if name == "neo4j":
-        from ingest_stream.sinks.neo4j import Neo4jSink
-
-        return Neo4jSink(settings.neo4j_uri, user=settings.neo4j_user,
-                         password=settings.neo4j_password, batch_size=settings.neo4j_batch_size,
-                         flavor=settings.neo4j_flavor, timeout_s=settings.sink_timeout_s,
-                         max_request_bytes=settings.neo4j_max_request_bytes,
-                         concurrency=settings.neo4j_concurrency)
-    from ingest_stream.sinks.typesense import TypesenseSink
-
-    return TypesenseSink(settings.typesense_url, api_key=settings.typesense_api_key,
-                         timeout_s=settings.sink_timeout_s)
-
-
 def faust_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "broker": f"kafka://{settings.kafka_bootstrap}",
         "store": STORE_URL,
         "datadir": str(settings.data_dir),
-        "web_port": settings.web_port,
-        "web_bind": settings.web_host,
+        "web_port": settings.web.port,
+        "web_bind": settings.web.host,
         "topic_partitions": settings.partitions,
         "table_standby_replicas": settings.table_standby_replicas,
         "producer_linger": settings.producer_linger_ms / 1000,
@@ -108,7 +88,7 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         # An agent that raises leaves unacked records behind it: stop the worker, don't limp on.
         "agent_supervisor": mode.CrashingSupervisor,
         # Bodies past the webhook limit get our own 413 (with a message), not aiohttp's.
-        "web_application_options": {"client_max_size": settings.webhook_max_body_bytes + 1},
+        "web_application_options": {"client_max_size": settings.sources.webhook_max_body_bytes + 1},
     }
     if settings.kafka_session_timeout_s is not None:
         options["broker_session_timeout"] = settings.kafka_session_timeout_s
@@ -134,16 +114,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     audit = IngestAudit(LAG_BUCKETS_S)
     dead_letters = DeadLetters(topics.dlq, metrics, audit, clock=lambda: datetime.now(UTC),
                                source_topics=source_topics, max_letter_bytes=settings.max_letter_bytes)
-    backoff = BackoffPolicy(base_s=settings.sink_retry_base_s, cap_s=settings.sink_retry_cap_s,
-                            max_attempts=settings.sink_retry_attempts)
-    breaker_policy = BreakerPolicy(
-        failure_threshold=settings.breaker_failure_threshold, failure_rate=settings.breaker_failure_rate,
-        window=settings.breaker_window, min_calls=settings.breaker_window // 2,
-        open_s=settings.breaker_open_s)
     sinks = {
-        name: GuardedSink(build_sink(name, settings), metrics=metrics, backoff=backoff,
-                          failure_policy=settings.sink_failure_policy,
-                          timeout_s=settings.sink_timeout_s, breaker=CircuitBreaker(breaker_policy))
+        name: GuardedSink(build_sink(name, settings), metrics=metrics, backoff=settings.sink_retry,
+                          failure_policy=settings.sink.failure_policy,
+                          timeout_s=settings.sink.timeout_s, breaker=CircuitBreaker(settings.breaker))
         for name in settings.sinks
     }
     backpressure = BackpressureController(app, settings, metrics)
@@ -170,7 +144,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
                                        metrics=metrics, audit=audit, gate=backpressure,
                                        source_topics=source_topics)
         _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.process,
-               settings.sink_batch_size, settings.batch_within_s, produced, acked)
+               settings.sink.batch_size, settings.batch_within_s, produced, acked)
 
     install_watchdog(
         app, settings, acked=acked,
@@ -261,7 +235,7 @@ def _backpressure_timer(app: faust.App, settings: Settings, controller: Backpres
         except Exception:  # a failed measurement must not end the timer; the next one may work
             log.warning("lag measurement failed; backpressure state kept", exc_info=True)
 
-    app.timer(settings.lag_check_interval_s)(measure_lag_and_apply_backpressure)
+    app.timer(settings.backpressure.lag_check_interval_s)(measure_lag_and_apply_backpressure)
 
     @app.on_partitions_assigned.connect
     async def hold_what_is_held(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

@@ -34,19 +34,21 @@ class BackpressureController:
         self._metrics = metrics
         self._clock = clock
         self._random = random
-        self.machine = Backpressure(settings.backpressure_thresholds(), clock())
-        self._bucket = TokenBucket(settings.throttle_rate, burst=max(1.0, settings.throttle_rate))
+        self.machine = Backpressure(settings.backpressure, clock())
+        rate = settings.backpressure.throttle_rate
+        self._bucket = TokenBucket(rate, burst=max(1.0, rate))
         # Intake (webhook) has its own bucket: a record should not pay twice, at intake and processing.
-        self._intake_bucket = TokenBucket(settings.throttle_rate, burst=max(1.0, settings.throttle_rate))
-        self.disabled: set[str] = set(settings.disabled_sources)
+        self._intake_bucket = TokenBucket(rate, burst=max(1.0, rate))
+        self.disabled: set[str] = set(settings.sources.disabled)
         self.source_topics = {settings.source_topic(s): s for s in SOURCES}
         self.sink_topics = {settings.sink_topic(s): s for s in settings.sinks}
         self.lags: list[PartitionLag] = []
         self.adapter_health: dict[str, dict[str, Any]] = {}  # per source, kept by its adapter
         self._locations: dict[str, Sequence[S3Location | SftpLocation]] = {
-            "s3": parse_locations(settings.s3_sources), "sftp": parse_sftp_locations(settings.sftp_sources)}
+            "s3": parse_locations(settings.sources.s3_sources),
+            "sftp": parse_sftp_locations(settings.sources.sftp_sources)}
         self.measured_at: float | None = None  # time.time() of the last lag measurement
-        self.sink_slots = asyncio.Semaphore(settings.max_concurrent_sink_writes)
+        self.sink_slots = asyncio.Semaphore(settings.sink.max_concurrent_writes)
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._probe: LagProbe | None = None
@@ -233,7 +235,7 @@ class BackpressureController:
             "reason": m.reason,
             "overridden": m.overridden,
             "brownout_rate": m.brownout_rate,
-            "throttle_rate": self._settings.throttle_rate,
+            "throttle_rate": self._settings.backpressure.throttle_rate,
             "worst_lag": _lag_dict(worst_lag(self.lags, exclude=self.disabled_topics())),
             "held_topics": sorted(self.held_topics()),
         }

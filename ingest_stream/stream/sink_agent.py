@@ -69,16 +69,14 @@ class SinkProcessor:
             writes.append(write)
             event_of[id(write)] = event
 
-        dead_lettered: set[int] = set()
         older_lettered: list[Write] = []
 
         async def dead_letter_older(older: list[Write]) -> None:
-            """Before the batch is written (see GuardedSink.apply); once per write across retries."""
+            """Before the batch is written: GuardedSink hands each older write over once, and awaits
+            this (the letters durable) before it writes anything that hides them (core/revision.py
+            decides what is older)."""
             pending = []
             for write in older:
-                if write.replayed or id(write) in dead_lettered:
-                    continue  # a replay re-sends history: older is expected there
-                dead_lettered.add(id(write))
                 older_lettered.append(write)
                 pending.append(await self._dead_letters.publish(
                     event_of[id(write)], reason=Reason.OLDER_REVISION, stage=self.stage,
@@ -101,8 +99,6 @@ class SinkProcessor:
             deliveries.append(await (self._dead_letters.unexpected(event, rejection, stage=self.stage)
                                      if isinstance(rejection, Exception)
                                      else self._dead_letters.reject(event, rejection, stage=self.stage)))
-        outcome.skipped += [w for w in outcome.older if w.replayed]
-        outcome.older = [w for w in outcome.older if not w.replayed]
         for write, error, attempts in outcome.failed:
             deliveries.append(await self._dead_letters.publish(
                 event_of[id(write)], reason=error.reason, stage=self.stage, error=str(error),

@@ -33,8 +33,9 @@ class Poller(Protocol):
 
 def install_file_sources(app: faust.App, settings: Settings, sources: dict[str, faust.TopicT],
                          controller: BackpressureController, metrics: Metrics) -> None:
-    sftp_locations = parse_sftp_locations(settings.sftp_sources)
-    wanted = (["s3"] if parse_locations(settings.s3_sources) else []) + (["sftp"] if sftp_locations else [])
+    sftp_locations = parse_sftp_locations(settings.sources.sftp_sources)
+    wanted = ((["s3"] if parse_locations(settings.sources.s3_sources) else [])
+              + (["sftp"] if sftp_locations else []))
     if sftp_locations and any(location.known_hosts is None for location in sftp_locations):
         log.warning("SFTP: host keys are not checked for locations without known_hosts")
     sftp_seen: dict[str, tuple[int, int]] = {}
@@ -87,9 +88,9 @@ def _poll_timer(app: faust.App, settings: Settings, source: str, controller: Bac
         health["last_poll_at"] = format_rfc3339(datetime.now(UTC))
         feeder: FileFeeder | None = None
         try:
-            feeder = FileFeeder(send, await store(), every=settings.source_checkpoint_every,
+            feeder = FileFeeder(send, await store(), every=settings.sources.checkpoint_every,
                                 counted=counter.inc, max_record_bytes=settings.max_record_bytes,
-                                max_file_bytes=settings.source_max_file_bytes, errors=count_error)
+                                max_file_bytes=settings.sources.max_file_bytes, errors=count_error)
             await make(feeder).poll()
             health["last_error"] = None
         except Exception as error:  # a failed poll is reported and retried next interval
@@ -99,4 +100,4 @@ def _poll_timer(app: faust.App, settings: Settings, source: str, controller: Bac
             health["last_file_error"] = feeder.last_error if feeder else None
 
     poll_source.__name__ = f"poll_{source}"
-    app.timer(settings.source_poll_interval_s, on_leader=True)(poll_source)
+    app.timer(settings.sources.poll_interval_s, on_leader=True)(poll_source)

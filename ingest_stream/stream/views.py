@@ -43,8 +43,8 @@ def install_views(app: faust.App, pipeline: Pipeline) -> None:
 
     def viewer(request: Request) -> bool:
         """The caller may see tenants and errors: no viewer token is set, or it gave it."""
-        return not settings.viewer_token or basic_allows(request.headers.get("Authorization"),
-                                                         settings.viewer_token)
+        return not settings.web.viewer_token or basic_allows(request.headers.get("Authorization"),
+                                                         settings.web.viewer_token)
 
     def refusal(view: View) -> Response:
         return view.json({"error": "unauthorized: HTTP Basic with INGEST_VIEWER_TOKEN as the password"},
@@ -162,7 +162,7 @@ def held(app: faust.App, pipeline: Pipeline) -> dict[str, Any]:
     for tp in app.assignor.assigned_actives():
         if tp.topic in topics:
             owned.setdefault(topics[tp.topic], []).append(tp.partition)
-    return {"id": app.conf.id, "web_port": pipeline.settings.web_port,
+    return {"id": app.conf.id, "web_port": pipeline.settings.web.port,
             "partitions": {source: sorted(parts) for source, parts in sorted(owned.items())}}
 
 

@@ -56,14 +56,14 @@ def install_webhook(app: faust.App, settings: Settings, topic: faust.TopicT,
                     controller: BackpressureController, metrics: Metrics,
                     *, replay_capacity: int = DEFAULT_REPLAY_CAPACITY,
                     clock: Callable[[], float] = time.time) -> None:
-    auth = parse_auth(settings.webhook_auth)
+    auth = parse_auth(settings.sources.webhook_auth)
     replays = ReplayCache(replay_capacity)
     max_message_bytes = int(app.conf.producer_max_request_size)
     health = controller.adapter_health.setdefault(SOURCE, {"last_request_at": None, "last_error": None,
                                                            "accepted_records": 0})
     requests = metrics.webhook_requests
     produced = metrics.adapter_records.labels(SOURCE)
-    too_big: Answer = (413, {"error": f"body over {settings.webhook_max_body_bytes} bytes"}, {})
+    too_big: Answer = (413, {"error": f"body over {settings.sources.webhook_max_body_bytes} bytes"}, {})
 
     def answer(view: View, reply: Answer) -> Response:
         status, document, headers = reply
@@ -75,13 +75,13 @@ def install_webhook(app: faust.App, settings: Settings, topic: faust.TopicT,
     async def read_body(request: Request) -> bytes | None:
         """The body, or None when it is over the limit."""
         declared = request.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > settings.webhook_max_body_bytes:
+        if declared and declared.isdigit() and int(declared) > settings.sources.webhook_max_body_bytes:
             return None
         try:
             body = await request.read()
         except Exception:  # aiohttp's own limit, when no Content-Length was sent
             return None
-        return body if len(body) <= settings.webhook_max_body_bytes else None
+        return body if len(body) <= settings.sources.webhook_max_body_bytes else None
 
     async def take(tenant: str, body: bytes, content_type: str) -> Answer:
         """The records of an authenticated request into Kafka, or why not."""
@@ -125,7 +125,7 @@ def install_webhook(app: faust.App, settings: Settings, topic: faust.TopicT,
                 return answer(self, too_big)
             caller = authenticate(request.headers.get("X-Tenant") or request.query.get("tenant"),
                                   request.headers, body, auth, now_s=now_s,
-                                  window_s=settings.webhook_signature_window_s)
+                                  window_s=settings.sources.webhook_signature_window_s)
             if isinstance(caller, Refusal):
                 return answer(self, (int(caller), {"error": "forbidden: signature outside the replay window"
                                                    if caller is Refusal.FORBIDDEN else "unauthorized"}, {}))

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shlex
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +27,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from ingest_stream.config import Settings
+from ingest_stream.config import Settings, effective
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = Path(os.environ.get("COMPOSE_TEST_FILE") or ROOT / "docker-compose.yml")
@@ -43,7 +42,7 @@ COMPOSE_FILE = Path(os.environ.get("COMPOSE_TEST_FILE") or ROOT / "docker-compos
 SCHEMA = Path(__file__).with_name("compose-spec.json")
 SCHEMA_SHA256 = "73ca5878c77570ba222a558016c7b3c6770ba5f3377786593e32180666512f8f"
 
-KNOWN_SETTINGS = {f"INGEST_{f.name.upper()}" for f in fields(Settings)}
+KNOWN_SETTINGS = set(effective(Settings()))
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
@@ -269,7 +268,7 @@ def test_each_worker_keeps_its_tables_on_a_volume_of_its_own(compose):
         assert volume not in seen, f"{name} and {seen.get(volume)} share the volume {volume}"
         seen[volume] = name
         container_ports = {container for _, _, container in published_ports(service)}
-        assert str(settings.web_port) in container_ports, f"{name}: port {settings.web_port} not published"
+        assert str(settings.web.port) in container_ports, f"{name}: port {settings.web.port} not published"
 
 
 def test_every_server_has_a_healthcheck_and_dependents_wait_for_it(compose):
@@ -289,8 +288,8 @@ def test_ingest_containers_wait_for_every_server_their_settings_name(compose):
     for name, service in ingest_services(compose).items():
         settings = Settings.from_env({**image_defaults, **environment(service)})
         hosts = {address.rsplit(":", 1)[0] for address in settings.kafka_bootstrap.split(",")}
-        urls = {"postgres": settings.postgres_dsn, "neo4j": settings.neo4j_uri,
-                "typesense": settings.typesense_url}
+        urls = {"postgres": settings.postgres.dsn, "neo4j": settings.neo4j.uri,
+                "typesense": settings.typesense.url}
         hosts |= {urlsplit(url).hostname for sink, url in urls.items() if sink in settings.sinks}
         servers = {host for host in hosts if host in services}
         assert servers, f"{name}: its settings name none of the compose services"

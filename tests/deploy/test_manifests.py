@@ -8,20 +8,19 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from ingest_stream.config import SOURCES, Settings
+from ingest_stream.config import SOURCES, Settings, effective
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 CRD_KINDS = {"ScaledObject", "PrometheusRule", "ServiceMonitor"}
-KNOWN = {f"INGEST_{f.name.upper()}" for f in fields(Settings)}
+KNOWN = set(effective(Settings()))
 WORKER = "ingest-worker"  # the name the operators' runbooks use for the workers' workload
 PAUSED_REPLICAS = "autoscaling.keda.sh/paused-replicas"
 # The operators' reference runbook (shared/reference/ingest-pipeline-runbook.md, "Scaling Workers")

@@ -10,7 +10,7 @@ from neo4j import AsyncGraphDatabase
 
 from ingest_stream.config import Settings
 from ingest_stream.ops.devstack import DevStack
-from ingest_stream.stream.app import build_sink
+from ingest_stream.sinks.registry import build_sink
 
 
 async def probes_held(stack: DevStack, sink: str) -> int:

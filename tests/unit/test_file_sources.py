@@ -18,7 +18,7 @@ import orjson
 import pytest
 from botocore.exceptions import ClientError
 
-from ingest_stream.config import Settings
+from ingest_stream.config import Settings, SourceSettings
 from ingest_stream.core.files import (
     ADAPTER_FILE_HEADER,
     ADAPTER_LINE_BYTES_HEADER,
@@ -320,7 +320,7 @@ class FakeS3:
 
 def s3_source(h: Harness, *locations: dict[str, str],
               health: dict[str, Any] | None = None) -> s3_module.S3Source:
-    settings = Settings(s3_sources=orjson.dumps(list(locations)).decode())
+    settings = Settings(sources=SourceSettings(s3_sources=orjson.dumps(list(locations)).decode()))
     return s3_module.S3Source(settings, h.feeder(), {} if health is None else health)
 
 

@@ -170,7 +170,7 @@ def test_zlib_keeps_the_rest_of_the_input_after_a_member_in_unused_data():
 
 
 def test_locations_are_named_by_default_and_a_name_is_taken_once():
-    from ingest_stream.config import Settings
+    from ingest_stream.config import Settings, SourceSettings
     from ingest_stream.core.files import parse_locations
     from ingest_stream.errors import ConfigError
 
@@ -182,4 +182,5 @@ def test_locations_are_named_by_default_and_a_name_is_taken_once():
     with pytest.raises(ValueError, match="two locations are named 'x'"):
         parse_locations(twice.decode())
     with pytest.raises(ConfigError, match="the name 'kafka' is taken"):
-        Settings(s3_sources=orjson.dumps([{"tenant": "a", "bucket": "b", "name": "kafka"}]).decode())
+        Settings(sources=SourceSettings(
+            s3_sources=orjson.dumps([{"tenant": "a", "bucket": "b", "name": "kafka"}]).decode()))

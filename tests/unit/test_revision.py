@@ -50,3 +50,15 @@ def test_redelivered_history_after_a_crash_is_not_rejected():
     assert plan.older == []
     assert plan.apply == []
     assert plan.skip == [("a", 3, 10), ("a", 4, 11)]
+
+
+def test_an_older_revision_a_replay_resends_is_history_skipped_never_dead_lettered():
+    held = Version(5, A, 40)
+    assert decide(held, Version(3, A, 90), may_rewrite_equal=True, replayed=True) is RevisionDecision.REPLAYED
+    assert decide(held, Version(3, A, 90), may_rewrite_equal=True) is RevisionDecision.OLDER
+    assert decide(held, Version(7, A, 90), may_rewrite_equal=True, replayed=True) is RevisionDecision.APPLY
+    items = [("a", 3, 90), ("b", 1, 91)]
+    plan = plan_batch(items, {"a": held, "b": Version(4, A, 41)}, key=lambda i: i[0],
+                      version=lambda i: Version(i[1], A, i[2]), may_rewrite_equal=lambda _: True,
+                      replayed=lambda i: i[0] == "a")
+    assert plan.skip == [("a", 3, 90)] and plan.older == [("b", 1, 91)] and plan.apply == []

@@ -7,7 +7,7 @@ from neo4j import exceptions as neo4j_errors
 from typesense import exceptions as ts_errors
 
 from ingest_stream.core.reasons import Reason
-from ingest_stream.sinks.errors import classify
+from ingest_stream.sinks.registry import SINK_NAMES, sink_module
 from ingest_stream.sinks.typesense import ImportRejected
 
 CASES = [
@@ -40,7 +40,7 @@ CASES = [
 @pytest.mark.parametrize(("sink", "exc", "reason"), CASES,
                          ids=[f"{s}-{type(e).__name__}" for s, e, _ in CASES])
 def test_classified_by_type(sink, exc, reason):
-    error = classify(sink, exc)
+    error = sink_module(sink).classify(exc)
     assert error is not None
     assert error.reason is reason
     assert error.sink == sink
@@ -49,11 +49,11 @@ def test_classified_by_type(sink, exc, reason):
 
 def test_message_text_does_not_decide():
     # a generic client error whose text says "rate limit" is not RATE_LIMITED without the 429 status
-    error = classify("typesense", ts_errors.TypesenseClientError("rate limit exceeded"))
+    error = sink_module("typesense").classify(ts_errors.TypesenseClientError("rate limit exceeded"))
     assert error is not None and error.reason is Reason.CONNECTION_ERROR
 
 
-@pytest.mark.parametrize("sink", ["postgres", "neo4j", "typesense"])
+@pytest.mark.parametrize("sink", SINK_NAMES)
 def test_unknown_exceptions_are_bugs_not_sink_failures(sink):
-    assert classify(sink, KeyError("x")) is None
-    assert classify(sink, ValueError("x")) is None
+    assert sink_module(sink).classify(KeyError("x")) is None
+    assert sink_module(sink).classify(ValueError("x")) is None

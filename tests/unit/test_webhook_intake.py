@@ -11,7 +11,7 @@ from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from faust.exceptions import ProducerSendError
 from multidict import CIMultiDict
 
-from ingest_stream.config import Settings
+from ingest_stream.config import Settings, SourceSettings
 from ingest_stream.core.webhook import sign
 from ingest_stream.metrics import Metrics
 from ingest_stream.stream.backpressure import BackpressureController
@@ -68,7 +68,8 @@ class Webhook:
         app = SimpleNamespace(conf=SimpleNamespace(producer_max_request_size=PRODUCER_LIMIT),
                               page=lambda path: lambda view: views.setdefault(path, view))
         auth = {"beta": {"hmac_secret": SECRET}, "acme": {"token": "t"}}
-        settings = Settings(webhook_auth=json.dumps(auth), webhook_signature_window_s=300)
+        settings = Settings(sources=SourceSettings(webhook_auth=json.dumps(auth),
+                                                   webhook_signature_window_s=300))
         metrics = Metrics()
         self.controller = BackpressureController(app, settings, metrics, clock=lambda: self.now)
         install_webhook(app, settings, self.topic, self.controller, metrics,
