@@ -11,6 +11,11 @@ names with replacement characters and goes on; so do we.
 raises `UnicodeDecodeError` is read again by its pure-Python reader, with header names decoded with
 U+FFFD for what is not UTF-8. The record then goes on like any other (its value is judged by the
 pipeline; the headers travel with the replaced names).
+
+This module is aiokafka internals throughout (checked against aiokafka 0.14.0): its pure-Python
+`_MemoryRecordsPy` and `_DefaultRecordBatchPy`, their `_next_slice` and `_buffer`, and the name
+`MemoryRecords` its fetcher module looks up. With `stream/faust_internals.py`, it is the only place
+in `ingest_stream/` allowed to touch another object's private members (ruff SLF001).
 """
 
 from __future__ import annotations

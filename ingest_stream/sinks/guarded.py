@@ -142,12 +142,11 @@ class GuardedSink:
                     pending, error, attempt = split.rest, split.error, split.attempt
             if not pending:
                 return done
-            self._metrics.retries.labels(self.name, error.reason.value).inc()
-            if self._failure_policy == "dlq" and self._backoff.exhausted(attempt):
+            self.count_retry(error.reason)
+            if self.gives_up_at(attempt):
                 done.failed += [(w, error, attempt) for w in pending]
                 return done
-            delay = self._backoff.delay(
-                min(attempt, 32), random=self._random, retry_after_s=error.retry_after_s)
+            delay = self.retry_delay(attempt, retry_after_s=error.retry_after_s)
             log.warning("sink %s: attempt %d for %d record(s) failed (%s); retrying in %.2fs",
                         self.name, attempt, len(pending), error, delay)
             self.retrying = True
@@ -216,6 +215,73 @@ class GuardedSink:
     def _count_failure(self) -> None:
         self.consecutive_failures += 1
         self.breaker.record_failure(self._clock())
+
+    # --- what a split of a failing batch uses (sinks/split.py) ----------------------------------
+    @property
+    def failure_policy(self) -> str:
+        return self._failure_policy
+
+    @property
+    def split_gives_up_after(self) -> int:
+        """A split takes the sink for down after this many single records tried, none written (and
+        checks that it still takes writes after this many part failures in a row)."""
+        return self._split_gives_up_after
+
+    @property
+    def planned(self) -> set[int]:
+        """id() of the writes the last call's plan was to write, if it got that far."""
+        return self._planned
+
+    def was_handed_over(self, write: Write) -> bool:
+        """Whether `before_write` already received `write` as older than what the sink holds."""
+        return id(write) in self._handed_over
+
+    def pick(self, count: int) -> int:
+        """A random index below `count`, from the sink's random source."""
+        return min(int(self._random() * count), count - 1)
+
+    def failing_alone_for(self) -> float:
+        """Seconds since the batch, of one entity, was first seen failing alone while the sink's
+        probe write went through (0.0 the first time; forgotten when the batch is done)."""
+        now = self._clock()
+        if self._lone_since is None:
+            self._lone_since = now
+        return now - self._lone_since
+
+    def gives_up_at(self, attempt: int) -> bool:
+        """Whether a batch still failing after `attempt` attempts is given up (`dlq` only)."""
+        return self._failure_policy == "dlq" and self._backoff.exhausted(attempt)
+
+    def retry_delay(self, attempt: int, *, retry_after_s: float | None = None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (the backoff, jittered)."""
+        return self._backoff.delay(min(attempt, 32), random=self._random, retry_after_s=retry_after_s)
+
+    def count_retry(self, reason: Reason) -> None:
+        self._metrics.retries.labels(self.name, reason.value).inc()
+
+    def count_split(self, *, stopped: bool) -> None:
+        self._metrics.sink_splits.labels(self.name, "stopped" if stopped else "done").inc()
+
+    async def sleep(self, delay_s: float) -> None:
+        """Wait `delay_s` seconds (the sink's sleep: tests replace it)."""
+        await self._sleep(delay_s)
+
+    async def write_part(self, writes: Sequence[Write]) -> BatchOutcome | SinkError:
+        """One call for a part of a split batch: only an open circuit stops it, and a retryable
+        failure is not counted by the breaker (`settle_part_failures` does, once it is known
+        whose it was)."""
+        return await self._call(writes, part_of_split=True)
+
+    def settle_part_failures(self, count: int, *, sink_failed: bool) -> None:
+        """Tell the breaker about `count` retryable failures of a split's parts: the sink's (each
+        counted as a failure) or records' (each a success: the sink answered); then report the
+        circuit's state."""
+        for _ in range(count):
+            if sink_failed:
+                self._count_failure()
+            else:
+                self.breaker.record_success(self._clock())
+        self._report_state()
 
     def health(self) -> dict[str, object]:
         """For /health/detailed: circuit, failures, last error."""

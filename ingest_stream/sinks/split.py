@@ -10,14 +10,11 @@ nothing is written, the sink looks down: the split stops and the batch goes back
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
-from ingest_stream.core.backoff import BackoffPolicy
-from ingest_stream.core.breaker import CircuitBreaker
 from ingest_stream.core.reasons import Reason
 from ingest_stream.errors import SinkError
-from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import BatchOutcome, Write, where
 
 log = logging.getLogger(__name__)
@@ -36,28 +33,39 @@ class Guard(Protocol):
     """What a split needs from the `GuardedSink` that runs it."""
 
     name: str
-    breaker: CircuitBreaker
     retrying: bool
     splitting: bool
-    _metrics: Metrics
-    _backoff: BackoffPolicy
-    _failure_policy: str
-    _split_gives_up_after: int
-    _sleep: Callable[[float], Awaitable[None]]
-    _random: Callable[[], float]
-    _clock: Callable[[], float]
-    _planned: set[int]  # id() of the writes the last call's plan was to write
-    _handed_over: set[int]  # id() of the writes `before_write` received
-    _lone_since: float | None  # when a batch of one entity first failed alone, the probe going through
 
-    async def _call(self, writes: Sequence[Write], *,
-                    part_of_split: bool = False) -> BatchOutcome | SinkError: ...
+    @property
+    def failure_policy(self) -> str: ...
+
+    @property
+    def split_gives_up_after(self) -> int: ...
+
+    @property
+    def planned(self) -> set[int]: ...  # id() of the writes the last call's plan was to write
+
+    def was_handed_over(self, write: Write) -> bool: ...
+
+    def pick(self, count: int) -> int: ...
+
+    def failing_alone_for(self) -> float: ...
+
+    def gives_up_at(self, attempt: int) -> bool: ...
+
+    def retry_delay(self, attempt: int, *, retry_after_s: float | None = None) -> float: ...
+
+    def count_retry(self, reason: Reason) -> None: ...
+
+    def count_split(self, *, stopped: bool) -> None: ...
+
+    async def sleep(self, delay_s: float) -> None: ...
+
+    async def write_part(self, writes: Sequence[Write]) -> BatchOutcome | SinkError: ...
 
     async def takes_writes(self) -> bool: ...
 
-    def _count_failure(self) -> None: ...
-
-    def _report_state(self) -> None: ...
+    def settle_part_failures(self, count: int, *, sink_failed: bool) -> None: ...
 
 
 class _SplitStopped(Exception):
@@ -102,7 +110,7 @@ class BatchSplit:
         Returns itself, done: `outcome` for the writes it resolved, `rest` to retry, and the
         `error` and `attempt` the retry path goes on with."""
         guard, writes, error = self.guard, self.writes, self.error
-        planned = guard._planned  # what the failed attempt was to write, if it got that far
+        planned = guard.planned  # what the failed attempt was to write, if it got that far
         if self.alive:
             guard.retrying = False
         log.warning("sink %s: a batch of %d record(s) %s (%s); attempt %d splits it to find the "
@@ -139,17 +147,15 @@ class BatchSplit:
         singles = [key for key, unit in units.items() if len(unit) == 1]
         candidates = [key for key in singles if id(units[key][0]) in planned] or singles or list(units)
         tried: set[str] = set()
-        while not self.alive and candidates and len(tried) < guard._split_gives_up_after:
-            key = candidates.pop(min(int(guard._random() * len(candidates)), len(candidates) - 1))
+        while not self.alive and candidates and len(tried) < guard.split_gives_up_after:
+            key = candidates.pop(guard.pick(len(candidates)))
             tried.add(key)
             failed = await self._try(units[key])
             if failed is not None:
                 await self._narrow(units[key], failed)
         if not self.alive and len(units) == 1 and await self._takes_a_probe_write():
-            now = guard._clock()  # nothing else to write: the sink's own write tells
-            guard._lone_since = now if guard._lone_since is None else guard._lone_since
-            held_s = now - guard._lone_since
-            if guard._failure_policy == "hold" and held_s < LONE_ENTITY_HOLD_S:
+            held_s = guard.failing_alone_for()  # nothing else to write: the sink's own write tells
+            if guard.failure_policy == "hold" and held_s < LONE_ENTITY_HOLD_S:
                 raise _SplitStopped(f"{next(iter(units))} fails alone while the sink's probe write "
                                     f"goes through, for {held_s:.0f}s (dead-lettered after "
                                     f"{LONE_ENTITY_HOLD_S:.0f}s)")
@@ -195,7 +201,7 @@ class BatchSplit:
         waited out (the sink wants fewer calls, nothing is learned about the part)."""
         while True:
             self.calls += 1
-            result = await self.guard._call(part, part_of_split=True)
+            result = await self.guard.write_part(part)
             if isinstance(result, BatchOutcome):
                 self.resolve(part, result)
                 if result.applied:  # a part already held wrote nothing: no sign either way
@@ -210,7 +216,7 @@ class BatchSplit:
             await self._wait_in_split(result, len(part))
         self.unsettled += 1
         self.dark += 1
-        if self.dark >= self.guard._split_gives_up_after:
+        if self.dark >= self.guard.split_gives_up_after:
             if not self.alive:
                 raise _SplitStopped(f"{self.dark} parts failed and none was written: the sink "
                                     "looks down")
@@ -224,29 +230,27 @@ class BatchSplit:
         """A wait is an attempt: under `dlq` the split stops when they are spent."""
         guard = self.guard
         if error.reason is Reason.RATE_LIMITED:  # counted as the sink's failure, as ever
-            guard._count_failure()
-            guard._report_state()
-        if guard._failure_policy == "dlq" and guard._backoff.exhausted(self.attempt):
+            guard.settle_part_failures(1, sink_failed=True)
+        if guard.gives_up_at(self.attempt):
             raise _SplitStopped(f"the sink answered {error.reason.value} and the attempts are spent")
-        guard._metrics.retries.labels(guard.name, error.reason.value).inc()
-        delay = guard._backoff.delay(
-            min(self.attempt, 32), random=guard._random, retry_after_s=error.retry_after_s)
+        guard.count_retry(error.reason)
+        delay = guard.retry_delay(self.attempt, retry_after_s=error.retry_after_s)
         log.warning("sink %s: a part of %d record(s) of a split met %s; waiting %.2fs",
                     guard.name, size, error.reason.value, delay)
         self.attempt += 1
         guard.retrying = True
-        await guard._sleep(delay)
+        await guard.sleep(delay)
 
     async def _confirm(self) -> None:
         """The sink is up: one more attempt of each suspect on its own, so a blip does not
         dead-letter a good record."""
         guard = self.guard
-        delay = guard._backoff.delay(min(self.attempt, 32), random=guard._random)
+        delay = guard.retry_delay(self.attempt)
         guard.retrying = False  # the sink is up: this is no wait for it
         log.warning("sink %s: %d record(s) fail on their own while the rest of their batch is "
                     "written: %s; one more attempt each in %.2fs", guard.name, len(self.suspects),
                     _listing([where(w) for w, _ in self.suspects]), delay)
-        await guard._sleep(delay)
+        await guard.sleep(delay)
         for write, _ in self.suspects:
             error = await self._try([write])
             if error is None:
@@ -258,7 +262,7 @@ class BatchSplit:
             self._fail(write, error, self.attempt + 1)
 
     def _fail(self, write: Write, error: SinkError, attempts: int) -> None:
-        if id(write) in self.guard._handed_over:  # already dead-lettered as older: that is what it is
+        if self.guard.was_handed_over(write):  # already dead-lettered as older: that is what it is
             self.resolve([write], BatchOutcome(older=[write]))
         else:
             self.resolve([write], BatchOutcome(failed=[(write, error, attempts)]))
@@ -271,18 +275,12 @@ class BatchSplit:
         self._settle(sink_failed=False)
 
     def _settle(self, *, sink_failed: bool) -> None:
-        guard = self.guard
-        for _ in range(self.unsettled):
-            if sink_failed:
-                guard._count_failure()
-            else:
-                guard.breaker.record_success(guard._clock())
+        self.guard.settle_part_failures(self.unsettled, sink_failed=sink_failed)
         self.unsettled = 0
-        guard._report_state()
 
     def _log_split(self, size: int) -> None:
         guard, failed = self.guard, self.outcome.failed
-        guard._metrics.sink_splits.labels(guard.name, "stopped" if self.stopped else "done").inc()
+        guard.count_split(stopped=bool(self.stopped))
         own = _listing([f"{where(w)} {e.reason.value}" for w, e, _ in failed])
         if self.stopped is None:
             log.warning("sink %s: split of %d record(s) done in %d call(s): %d written or skipped, "

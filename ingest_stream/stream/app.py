@@ -27,8 +27,9 @@ from ingest_stream.sinks.registry import build_sink
 from ingest_stream.stream.admin import AUDIT_FILE as ADMIN_AUDIT_FILE
 from ingest_stream.stream.admin import AuditTrail, install_admin_routes
 from ingest_stream.stream.backpressure import BackpressureController
-from ingest_stream.stream.batching import BatchStream, IngestApp
+from ingest_stream.stream.consumer_batches import BatchStream, IngestApp
 from ingest_stream.stream.dlq import DeadLetters
+from ingest_stream.stream.faust_internals import track_produced_topics
 from ingest_stream.stream.sink_agent import SinkProcessor
 from ingest_stream.stream.source_agent import SourceProcessor
 from ingest_stream.stream.sources import install_file_sources
@@ -194,22 +195,6 @@ def _agent(app: faust.App, name: str, topic: faust.TopicT, handle: BatchHandler,
 
     agent.__name__ = name.replace("-", "_")
     app.agent(topic, name=name)(agent)
-
-
-async def track_produced_topics(app: faust.App, names: list[str]) -> None:
-    """Make the producer's metadata client track every topic this worker writes to.
-
-    aiokafka's send() skips `add_topic` for a topic already in its cached metadata (the first
-    fetch asks for all topics). A later refresh asks only for tracked topics, drops the others from
-    the cache, and a batch for a dropped topic then waits for a partition leader forever — and
-    every flush and offset commit waits behind it (seen here when records trickle in).
-    """
-    producer = app.producer._producer  # type: ignore[attr-defined]  # the AIOKafkaProducer
-    client = producer.client
-    missing = [name for name in names if name not in client._topics]
-    if missing:
-        client.set_topics(client._topics | set(missing))
-        await client.force_metadata_update()
 
 
 def _eviction_timer(

@@ -21,6 +21,8 @@ from ingest_stream.core.files import S3Location, SftpLocation, parse_locations, 
 from ingest_stream.core.tokenbucket import TokenBucket
 from ingest_stream.metrics import Metrics
 from ingest_stream.ops.lag import LagProbe, PartitionLag
+from ingest_stream.stream import faust_internals
+from ingest_stream.stream.consumer_batches import BatchDrainConsumer
 
 log = logging.getLogger(__name__)
 
@@ -113,39 +115,17 @@ class BackpressureController:
 
     async def _pause_in_client(self, held: set[str]) -> None:
         """Faust's pause only stops it asking for a partition's records; aiokafka still fetches and
-        buffers them, and they were seen delivered. aiokafka's own pause stops the fetch and drops
-        the buffer (re-fetched from the position on resume). That client lives in Faust's consumer
-        thread, so the call goes there."""
-        thread = getattr(self._app.consumer, "_thread", None)
-        if thread is None:
-            return
-
-        async def set_paused() -> None:
-            client = thread._ensure_consumer()
-            wanted = {tp for tp in client.assignment() if tp.topic in held}
-            if wanted:
-                client.pause(*wanted)
-            resumed = client.paused() - wanted
-            if resumed:
-                client.resume(*resumed)
-
-        await thread.call_thread(set_paused)
+        buffers them. aiokafka's own client is paused too (`faust_internals.pause_in_client`)."""
+        await faust_internals.pause_in_client(self._app.consumer, held)
 
     def guard_resumes(self) -> None:
         """Faust resumes every assigned partition when a rebalance's recovery completes, which would
         undo a drain, pause or disabled source until the next tick: filter held topics out of its
-        resumes. Installed once, when partitions are first assigned (before recovery resumes)."""
+        resumes (`BatchDrainConsumer.resume_partitions`). Called whenever partitions are assigned
+        (before recovery resumes); calling it again changes nothing."""
         consumer = self._app.consumer
-        if getattr(consumer, "_ingest_resume_guarded", False):
-            return
-        original = consumer.resume_partitions
-
-        def resume_partitions(tps: Any) -> None:
-            held = self.held_topics()
-            original({tp for tp in tps if tp.topic not in held})
-
-        consumer.resume_partitions = resume_partitions  # type: ignore[method-assign]
-        consumer._ingest_resume_guarded = True  # type: ignore[attr-defined]
+        if isinstance(consumer, BatchDrainConsumer):
+            consumer.hold_from_resumes(self.held_topics)
 
     def held_topics(self) -> set[str]:
         """Topics not fetched now: on purpose, so not a stall."""

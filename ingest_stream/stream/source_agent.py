@@ -32,9 +32,10 @@ from ingest_stream.core.record import entity_key
 from ingest_stream.core.schemas import RecordValidator, Rejected
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
+from ingest_stream.stream import faust_internals
 from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.dlq import DeadLetters, headers_of, position_of
-from ingest_stream.stream.record_batches import RecordBatches, SentBatch
+from ingest_stream.stream.producer_batches import RecordBatches, SentBatch
 from ingest_stream.stream.tables import BatchedTableWrites, SourceTables, make_current
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class SourceProcessor:
         deliveries: list[Awaitable[object]] = []
         checkpoints: dict[str, tuple[EventT[Any], int]] = {}
         now_ms = int(time.time() * 1000)
-        batches = RecordBatches(self._app.producer._ensure_producer())  # type: ignore[attr-defined]
+        batches = RecordBatches(faust_internals.aiokafka_producer(self._app))
         seen_keys = BatchedTableWrites(self._tables.dedupe)
         checkpoint_writes = BatchedTableWrites(self._tables.checkpoints)
         counted: Counter[tuple[str | None, str]] = Counter()  # (tenant, outcome): counted once per batch

@@ -24,7 +24,7 @@ from faust.types import TP, EventT
 
 from ingest_stream.config import SOURCES, Settings
 from ingest_stream.core.dedupe import SeenEntry
-from ingest_stream.stream.record_batches import RecordBatches, SentBatch
+from ingest_stream.stream.producer_batches import RecordBatches, SentBatch
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ import faust
 from ingest_stream.config import Settings
 from ingest_stream.core.stall import Progress, StallDetector
 from ingest_stream.sinks.guarded import GuardedSink
+from ingest_stream.stream import faust_internals
 
 log = logging.getLogger(__name__)
 STALL_EXIT_CODE = 70  # EX_SOFTWARE
@@ -50,7 +51,7 @@ def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
             end = max(ends.get(tp) or 0, probed.get((tp.topic, tp.partition), 0)) or None
             if end is None:
                 continue
-            committed = consumer._committed_offset.get(tp)  # type: ignore[attr-defined]
+            committed = faust_internals.committed_offset(consumer, tp)
             done = acked.get(tp)
             if committed is None and done is None:  # nothing processed here yet: as far as fetched
                 committed = await consumer.position(tp)

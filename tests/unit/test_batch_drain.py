@@ -15,7 +15,7 @@ import pytest
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage
 
-from ingest_stream.stream.batching import IngestApp, Seek, StreamFlowControl
+from ingest_stream.stream.consumer_batches import IngestApp, Seek, StreamFlowControl
 
 SRC = TP("src", 0)
 
@@ -157,3 +157,18 @@ async def test_resuming_streams_that_run_already_keeps_their_queues(consumer: An
     app.flow_control.suspend()  # a rebalance: what is queued belongs to the old assignment
     app.flow_control.resume()
     assert queue.qsize() == 0
+
+
+async def test_resumes_leave_the_held_topics_paused(consumer: Any) -> None:
+    """Faust's recovery resumes every assigned partition after a rebalance; what backpressure holds
+    (a drain, a pause, a disabled source) stays paused."""
+    held, other = TP("held", 0), TP("src", 0)
+    consumer._active_partitions = set()  # as after an assignment with both partitions paused
+    consumer.pause_partitions({held, other})
+    consumer.resume_partitions([held])  # nothing held yet: Faust's own resume
+    assert consumer._paused_partitions == {other}
+    consumer.pause_partitions({held})
+    consumer.hold_from_resumes(lambda: {"held"})
+    consumer.resume_partitions([held, other])
+    assert consumer._paused_partitions == {held}
+    assert consumer._get_active_partitions() == {other}

@@ -13,7 +13,7 @@ from faust.events import Event
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage
 
-from ingest_stream.stream.batching import BatchStream, IngestApp
+from ingest_stream.stream.consumer_batches import BatchStream, IngestApp
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from ingest_stream.stream.record_batches import RecordBatches
+from ingest_stream.stream.producer_batches import RecordBatches
 
 
 @dataclass

@@ -1,64 +1,17 @@
-"""Faust, batched where it counts: the consumer's drain loop and the agents' batch reads.
+"""The consumer side: Faust's app, consumer and stream, subclassed to take records in batches.
 
-Profiled here, Faust's per-record machinery cost more than everything ingest_stream does with a
-record. Two places, each replaced by a subclass Faust lets the app plug in; nothing else changes.
-
-1. The consumer's drain loop (`BatchDrainConsumer`, via `IngestApp._new_transport`).
-
-Faust's `Consumer._drain_messages` hands every fetched record to the conductor through
-`Service.wait_first(callback(message), suspend_flow.wait())`, which wraps four awaitables in
-tasks (the callback, the suspend-flow event, the stopped and crashed events) and cancels three
-of them again — per record. Profiled here, that was the largest single cost of consuming.
-
-`BatchDrainConsumer` keeps the same semantics at the granularity of one `getmany()` fetch: the
-records of a fetch are delivered in order inside one awaitable raced against `suspend_flow`. When a
-rebalance suspends the flow, delivery of the fetch stops (Faust drops the rest of such a fetch
-too, and the consumer seeks to the committed offsets afterwards); the read offset only ever advances
-for records actually delivered, gaps and `commit_every` are handled as in Faust.
-
-Unlike Faust, the drain loop follows seeks exactly (`IngestConsumerThread` counts them and tags each
-fetch). After a rebalance Faust seeks every partition to its committed offset, but its recovery
-resumes the consumer's flow before that and resumes the streams only after, and its bookkeeping
-went wrong in four ways, all seen here (in about 1 run in 5 of the two-worker rebalance test):
-- the rest of a fetch from the old position was still delivered after the seek, moving the read
-  offset past the committed one;
-- Faust resets the read offsets only once every partition is seeked, so records fetched from a
-  partition seeked early were compared with its old read offset;
-- partitions without a committed offset are not seeked at all;
-- records of stream partitions delivered before the streams resume go to queues that Faust clears
-  when they resume, and Faust resumes them twice (before reading the changelogs, again after the
-  seek): the second resume cleared records delivered after their seek.
-Each way records were never processed and never read again: the partition never committed again
-(or, with the read offset put back later, a gap counted as acked covered them). Here a record
-fetched before a seek of its partition is dropped (aiokafka reads it again from the new position),
-the first record fetched after a seek resets the read offset to where the seek went, partitions
-without a commit are seeked to their start, records of acking topics wait for the streams to
-resume before they are delivered, and resuming streams that run already clears nothing
-(`StreamFlowControl`).
-
-2. The agents' batches (`BatchStream.unacked_batches`, via the `Stream` setting). `noack_take` runs
-every record through the stream's generic iterator and a buffering processor (a passive drainer task,
-events and futures per record). `unacked_batches` takes the events straight from the channel's queue
-with `get_nowait` while there are any, waiting only when it is empty. Per event it keeps what the
-iterator does that matters here: events from a previous consumer generation or while the flow is
-suspended (a rebalance) are skipped; acking topics track the message as unacked (graceful shutdown
-and `stream_wait_empty` wait for these). Faust's Monitor gets only each batch's partitions'
-inbound time (its consumer's slow-stream check reads it); its per-event sensors are not called:
-ingest_stream's own metrics are the observability.
-
-Unlike Faust, a skipped stale event is not acked. Faust's consumer clears its acked offsets when
-partitions are revoked; an event still queued from the old generation and acked after the new
-assignment puts its offset back among the acked ones, although the record was never processed. Once
-the re-fetched records below it are acked, the commit moves past it before its re-fetched copy is
-processed, and a worker killed in that window loses the record. Not acked, it is simply read again:
-the new assignment seeks every partition to its committed offset (`BatchDrainConsumer.perform_seek`).
+`BatchDrainConsumer` (with `IngestConsumerThread`) delivers each fetch as one awaitable and follows
+seeks exactly; `BatchStream.unacked_batches` hands the agents batches of events they ack themselves
+once what the events caused is durable; `StreamFlowControl` keeps queued records across Faust's
+second resume. Why each replaces Faust's own, and the bugs it fixes: docs/design.md ("What we found
+in Faust…" and "Fixed: a stall after a rebalance"). The producer side is `producer_batches.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Any, NamedTuple
 
 import faust
@@ -70,6 +23,7 @@ from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
 from ingest_stream import record_reader
+from ingest_stream.stream import faust_internals
 
 
 class SeekTaggedRecords(dict[TP, list[Any]]):
@@ -103,20 +57,17 @@ class IngestConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         record_reader.install()  # no record's header names can stop the fetcher
         consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", 1500)  # read at start()
+        faust_internals.set_fetch_max_wait_ms(consumer, getattr(self.app, "fetch_max_wait_ms", 1500))
         return consumer
 
     async def on_start(self) -> None:
         await super().on_start()
-        fetcher = self._ensure_consumer()._fetcher  # every seek (seek, seek_to_committed) ends in seek_to
-        seek_to = fetcher.seek_to
         seeks = self.seeks
 
-        def counted_seek_to(tp: Any, offset: int) -> None:
+        def count_seek(tp: Any, offset: int) -> None:
             seeks[tp] = Seek(seeks[tp].number + 1 if tp in seeks else 1, offset)
-            seek_to(tp, offset)
 
-        fetcher.seek_to = counted_seek_to
+        faust_internals.on_every_seek(self._ensure_consumer(), count_seek)
 
     async def seek_to_start(self, partitions: list[Any]) -> None:
         """Seek to offset 0 in this thread (aiokafka is not thread-safe); where retention has
@@ -145,6 +96,23 @@ class BatchDrainConsumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         self._fetch_seek_counts: dict[TP, int] | None = None  # the tags of the fetch being delivered
         self._read_offset_seeks: dict[TP, int] = {}  # the seek count each read offset was reset at
+        self._held_topics: Callable[[], Collection[str]] | None = None  # kept out of resumes
+
+    def hold_from_resumes(self, held_topics: Callable[[], Collection[str]]) -> None:
+        """From now on, `resume_partitions` leaves the partitions of the topics `held_topics()`
+        names paused (backpressure's drain, pause, a disabled source)."""
+        self._held_topics = held_topics
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        """Faust's, less the held topics' partitions (`hold_from_resumes`). Faust resumes every
+        assigned partition when a rebalance's recovery completes (`faust.tables.recovery`), which
+        would undo a drain, pause or disabled source until backpressure's next tick."""
+        held_topics = self._held_topics
+        if held_topics is None:
+            super().resume_partitions(tps)
+            return
+        held = held_topics()
+        super().resume_partitions({tp for tp in tps if tp.topic not in held})
 
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return IngestConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -191,7 +159,7 @@ class BatchDrainConsumer(faust_aiokafka.Consumer):
 
     async def _drain_messages(self, fetcher: Any) -> None:
         consumer_should_stop = self._stopped.is_set
-        fetcher_should_stop = fetcher._stopped.is_set
+        fetcher_should_stop = faust_internals.stop_requested(fetcher)
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 self.diag.set_flag(CONSUMER_FETCHING)

@@ -1,4 +1,5 @@
-"""Many records to many topic-partitions, sent as one Kafka record batch per partition.
+"""The producer side: many records to many topic-partitions, sent as one Kafka record batch per
+partition (what the source agent sends; the consumer side is `consumer_batches.py`).
 
 `AIOKafkaProducer.send` costs a future, a partitioner call and an accumulator lookup per record;
 the source agent sends three or more records per input record (one per sink topic, plus table
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.partitioner import murmur2
+
+from ingest_stream.stream import faust_internals
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,7 @@ class SentBatch:
 class RecordBatches:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
+        self._default_partitioner = faust_internals.uses_default_partitioner(producer)
         self._open: dict[tuple[str, int], Any] = {}  # (topic, partition) -> BatchBuilder
         self._sent: list[SentBatch] = []
         self._ready_topics: set[str] = set()
@@ -42,7 +46,7 @@ class RecordBatches:
     async def add(self, topic: str, key: bytes | None, value: bytes | None,
                   headers: Sequence[tuple[str, bytes]] = (), partition: int | None = None) -> None:
         if topic not in self._ready_topics:  # as send() does: the partitioner needs the metadata
-            await self._producer.client._wait_on_metadata(topic)
+            await faust_internals.wait_on_metadata(self._producer, topic)
             self._ready_topics.add(topic)
         if partition is None:
             partition = self._partition_for(topic, key, value)
@@ -60,11 +64,12 @@ class RecordBatches:
         """The producer's partitioner's choice. Its default (murmur2 of the key, in pure Python,
         ~6 µs) is computed once per key and batch; any other partitioner is asked every time."""
         producer = self._producer
-        if key is None or type(producer._partitioner) is not DefaultPartitioner:
-            return int(producer._partition(topic, None, key, value, key, value))
+        if key is None or not self._default_partitioner:
+            return faust_internals.partition_for(producer, topic, key, value)
         partitions = self._partitions.get(topic)
         if partitions is None:  # sorted by id, as DefaultPartitioner expects them
-            partitions = self._partitions[topic] = sorted(producer._metadata.partitions_for_topic(topic))
+            partitions = sorted(faust_internals.partitions_for_topic(producer, topic))
+            self._partitions[topic] = partitions
         hashed = self._key_hashes.get(key)
         if hashed is None:
             hashed = self._key_hashes[key] = murmur2(key) & 0x7FFFFFFF
