@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
@@ -114,84 +115,117 @@ def _progress_printer(stream: TextIO) -> Callable[[RedriveReport], None]:
     return show
 
 
-async def run(args: argparse.Namespace, out: TextIO) -> int:
-    if args.command == "verify":
-        result = verify_archive(args.manifest)
-        if args.json:
-            write_json(result, out)
-        else:
-            verdict = "OK" if result["ok"] else f"FAILED: {result['problem']}"
-            print(printable(f"{result['archive']}: {verdict} ({result['records']} records)"), file=out)
-        return 0 if result["ok"] else 1
-    settings = Settings.from_env()
-    store = DeadLetterStore(settings)
-    now = datetime.now(UTC)
-    selection = selection_from(args, now)
-    if args.command == "analyze":
-        analysis = analyze([letter async for letter, _ in store.selected(selection)],
-                           producer_header=args.producer_header)
-        if args.json:
-            write_json(analysis, out)
-        else:
-            print_analysis(analysis, out)
+@dataclass(frozen=True, slots=True)
+class _Triage:
+    """What every command but `verify` works on: the dead-letter topic and the selection given."""
+
+    settings: Settings
+    store: DeadLetterStore
+    selection: Selection
+    now: datetime
+
+    @classmethod
+    def open(cls, args: argparse.Namespace) -> _Triage:
+        settings = Settings.from_env()
+        store = DeadLetterStore(settings)
+        now = datetime.now(UTC)
+        return cls(settings, store, selection_from(args, now), now)
+
+
+async def _verify(args: argparse.Namespace, out: TextIO) -> int:
+    """An archive against its manifest: no settings, no broker."""
+    result = verify_archive(args.manifest)
+    if args.json:
+        write_json(result, out)
+    else:
+        verdict = "OK" if result["ok"] else f"FAILED: {result['problem']}"
+        print(printable(f"{result['archive']}: {verdict} ({result['records']} records)"), file=out)
+    return 0 if result["ok"] else 1
+
+
+async def _analyze(args: argparse.Namespace, out: TextIO) -> int:
+    triage = _Triage.open(args)
+    analysis = analyze([letter async for letter, _ in triage.store.selected(triage.selection)],
+                       producer_header=args.producer_header)
+    if args.json:
+        write_json(analysis, out)
+    else:
+        print_analysis(analysis, out)
+    return 0
+
+
+async def _export(args: argparse.Namespace, out: TextIO) -> int:
+    triage = _Triage.open(args)
+    if args.output is None:
+        await export(triage.store, triage.selection, out, fmt=args.format)
+    else:
+        with args.output.open("w", newline="") as handle:
+            count = await export(triage.store, triage.selection, handle, fmt=args.format)
+        print(f"exported {count} dead letter(s) to {args.output}", file=sys.stderr)
+    return 0
+
+
+async def _purge(args: argparse.Namespace, out: TextIO) -> int:
+    triage = _Triage.open(args)
+    if args.older_than is None:
+        raise ToolError("purge needs --older-than DAYS")
+    archive_dir = args.archive_dir or triage.settings.data_dir / "dlq-archive"
+    if not args.dry_run:
+        confirm("purge: archive the selected dead letters and mark them purged (hidden from every "
+                "view)?", yes=args.yes)
+    result = await purge(triage.store, triage.selection, archive_dir=archive_dir, dry_run=args.dry_run,
+                         now=triage.now)
+    if args.json:
+        write_json(result, out)
+    elif result["dry_run"]:
+        print(f"would archive and purge {result['would_purge']} dead letter(s)", file=out)
+    else:
+        where = (f"; archive {result['archive']}, manifest {result['manifest']}"
+                 if result["purged"] else "")
+        print(f"purged {result['purged']} dead letter(s){where}", file=out)
+    return 0
+
+
+async def _summary(args: argparse.Namespace, out: TextIO) -> int:
+    triage = _Triage.open(args)
+    result = await summary(triage.store, triage.selection)
+    if args.json:
+        write_json(result, out)
         return 0
-    if args.command == "export":
-        if args.output is None:
-            count = await export(store, selection, out, fmt=args.format)
-        else:
-            with args.output.open("w", newline="") as handle:
-                count = await export(store, selection, handle, fmt=args.format)
-            print(f"exported {count} dead letter(s) to {args.output}", file=sys.stderr)
-        return 0
-    if args.command == "purge":
-        if args.older_than is None:
-            raise ToolError("purge needs --older-than DAYS")
-        archive_dir = args.archive_dir or settings.data_dir / "dlq-archive"
-        if not args.dry_run:
-            confirm("purge: archive the selected dead letters and mark them purged (hidden from every "
-                    "view)?", yes=args.yes)
-        result = await purge(store, selection, archive_dir=archive_dir, dry_run=args.dry_run, now=now)
-        if args.json:
-            write_json(result, out)
-        elif result["dry_run"]:
-            print(f"would archive and purge {result['would_purge']} dead letter(s)", file=out)
-        else:
-            where = (f"; archive {result['archive']}, manifest {result['manifest']}"
-                     if result["purged"] else "")
-            print(f"purged {result['purged']} dead letter(s){where}", file=out)
-        return 0
-    if args.command == "summary":
-        result = await summary(store, selection)
-        if args.json:
-            write_json(result, out)
-            return 0
-        print(f"{result['total']} dead letter(s) in {result['topic']} "
-              f"({', '.join(f'{n} {s}' for s, n in result['by_status'].items()) or 'none selected'}); "
-              f"retryable {result['retryable_share']:.0%}; "
-              f"oldest {result['oldest']}, newest {result['newest']}",
-              file=out)
-        if result["groups"]:
-            rows = [(g["reason"], g["tenant"], g["stage"], g["count"]) for g in result["groups"]]
-            print(format_table(("REASON", "TENANT", "STAGE", "COUNT"), rows), file=out)
-        if result["repeats"]:
-            print(f"{result['repeats']} repeated copies (published again after a worker restart) "
-                  "were counted once", file=out)
-        if result["unreadable"]:
-            print(f"{result['unreadable']} record(s) without valid dlq.* headers were skipped", file=out)
-        return 0
-    if args.command == "sample":
-        letters = await sample(store, selection, limit=args.limit, full=args.full)
-        if args.json:
-            write_json(letters, out)
-        else:
-            print_samples(letters, out)
-        return 0
+    print(f"{result['total']} dead letter(s) in {result['topic']} "
+          f"({', '.join(f'{n} {s}' for s, n in result['by_status'].items()) or 'none selected'}); "
+          f"retryable {result['retryable_share']:.0%}; "
+          f"oldest {result['oldest']}, newest {result['newest']}",
+          file=out)
+    if result["groups"]:
+        rows = [(g["reason"], g["tenant"], g["stage"], g["count"]) for g in result["groups"]]
+        print(format_table(("REASON", "TENANT", "STAGE", "COUNT"), rows), file=out)
+    if result["repeats"]:
+        print(f"{result['repeats']} repeated copies (published again after a worker restart) "
+              "were counted once", file=out)
+    if result["unreadable"]:
+        print(f"{result['unreadable']} record(s) without valid dlq.* headers were skipped", file=out)
+    return 0
+
+
+async def _sample(args: argparse.Namespace, out: TextIO) -> int:
+    triage = _Triage.open(args)
+    letters = await sample(triage.store, triage.selection, limit=args.limit, full=args.full)
+    if args.json:
+        write_json(letters, out)
+    else:
+        print_samples(letters, out)
+    return 0
+
+
+async def _redrive(args: argparse.Namespace, out: TextIO) -> int:
+    triage = _Triage.open(args)
     if args.force and not args.dry_run:
         confirm("redrive --force: send non-retryable dead letters back too (the cause must be fixed "
                 "first)?", yes=args.yes)
     show = _progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else (lambda r: None)
-    report = await redrive(store, selection, force=args.force, dry_run=args.dry_run, limit=args.limit,
-                           rate=args.rate, max_redrives=args.max_redrives, progress=show)
+    report = await redrive(triage.store, triage.selection, force=args.force, dry_run=args.dry_run,
+                           limit=args.limit, rate=args.rate, max_redrives=args.max_redrives, progress=show)
     result = report.as_dict()
     if args.json:
         write_json(result, out)
@@ -208,6 +242,22 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
             for refusal in report.refusals:
                 print(f"  {refusal['id']}: {printable(refusal['problem'])}", file=out)
     return 0
+
+
+# One function per command of `build_parser`, by the command's name.
+COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], Awaitable[int]]] = {
+    "summary": _summary,
+    "sample": _sample,
+    "analyze": _analyze,
+    "export": _export,
+    "purge": _purge,
+    "verify": _verify,
+    "redrive": _redrive,
+}
+
+
+async def run(args: argparse.Namespace, out: TextIO) -> int:
+    return await COMMANDS[args.command](args, out)
 
 
 def print_samples(letters: list[dict[str, Any]], out: TextIO) -> None:

@@ -13,26 +13,18 @@ import pytest
 
 from ingest_stream.ops.devstack import DevStack
 from ingest_stream.stream.watchdog import STALL_EXIT_CODE
-from tests.dataset import Dataset, v2, with_bulk_tenant
-from tests.integration.harness import (
-    Kafka,
-    SinkReader,
-    WorkerProcess,
-    assert_equal,
-    eventually,
-    headers_of,
-    run_tool,
-)
-from tests.integration.test_pipeline import (
+from tests.dataset import Dataset, mixed_dataset, v2, with_bulk_tenant
+from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_equal, eventually, headers_of
+from tests.integration.pipeline_helpers import (
     LIMIT,
-    assert_sinks_hold,
+    assert_converged,
     consumed_topics,
     dlq_entries,
+    dlqtriage,
     expected_graph,
     expected_postgres,
     expected_search,
-    mixed_dataset,
-    produce,
+    produce_dataset,
     source_topics,
 )
 
@@ -149,10 +141,6 @@ def test_a_sink_down_with_dlq_policy_dead_letters_its_records_and_a_redrive_comp
     assert dlqtriage(worker, "summary", "--json", "--status", "redriven")["total"] == len(expected)
 
 
-def dlqtriage(worker: WorkerProcess, *args: str) -> Any:
-    return run_tool(worker, "ingest_stream.ops.dlqtriage", *args)
-
-
 def _dlq_positions(kafka: Kafka, prefix: str) -> Counter[tuple[str, int, int, str]]:
     """How many dead letters each (origin topic, partition, offset, stage) has."""
     found: Counter[tuple[str, int, int, str]] = Counter()
@@ -264,7 +252,7 @@ def test_kill_loop_sigkill_at_random_moments_loses_nothing_and_writes_nothing_ol
                                         INGEST_STALL_CHECK_INTERVAL_S="2")
     worker.start()
     worker.supervise()  # a stall exit (70) is restarted like an orchestrator would; the kills are ours
-    positions = produce(kafka, prefix, data)
+    positions = produce_dataset(kafka, prefix, data)
 
     rng = random.Random(int(prefix[1:], 16))  # the seed is in the test's prefix: a failure can be replayed
     kills_mid_stream = 0
@@ -281,12 +269,10 @@ def test_kill_loop_sigkill_at_random_moments_loses_nothing_and_writes_nothing_ol
 
     expected_dlq = {(source, *positions[i], reason, stage) for i, reason, stage in data.dlq}
 
-    def converged() -> None:
-        assert_sinks_hold(sinks, data)
-        assert set(dlq_entries(kafka, f"{prefix}.dlq")) == expected_dlq  # nothing spurious
-
-    eventually(converged, timeout_s=300, interval_s=2, context=worker.log_tail)
-    assert sinks.postgres_overwrites_of_newer(data.tenants) == []  # never an older revision over a newer
+    # Every letter expected and nothing spurious; never an older revision over a newer; only stall
+    # exits (restarted).
+    assert_converged(kafka, sinks, worker, prefix, data=data, dlq=expected_dlq, exits={STALL_EXIT_CODE},
+                     timeout_s=300, interval_s=2)
     # Copies re-published after a kill are one failure each to the operator.
     summary = dlqtriage(worker, "summary", "--json")
     assert summary["total"] == len(expected_dlq)

@@ -14,8 +14,8 @@ from aiokafka import AIOKafkaProducer
 
 from tests.dataset import v2
 from tests.hostile import CLASSES, Context, Hostile, batch, build, good, with_header_name_bytes
-from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_equal, eventually, headers_of
-from tests.integration.test_pipeline import source_topics
+from tests.integration.harness import Kafka, SinkReader, WorkerProcess, headers_of
+from tests.integration.pipeline_helpers import assert_converged, source_topics
 
 LIMIT = 32 * 1024
 
@@ -39,23 +39,8 @@ def test_every_hostile_class_is_dead_lettered_or_lands_and_the_worker_goes_on(
     landing = {(r.record["tenant"], r.record["id"]): r.record["revision"] for r in records if r.record}
     expected_dlq = Counter((source, *positions[i], *r.expect) for i, r in enumerate(records) if r.expect)
 
-    def dlq_now() -> Counter[tuple[str, int, int, str, str]]:
-        entries: Counter[tuple[str, int, int, str, str]] = Counter()
-        for message in kafka.read_all(f"{prefix}.dlq"):
-            h = headers_of(message)
-            entries[(h["dlq.origin.topic"], int(h["dlq.origin.partition"]), int(h["dlq.origin.offset"]),
-                     h["dlq.reason"], h["dlq.stage"])] += 1
-        return entries
-
-    def converged() -> None:
-        assert worker.exits == [], f"the worker exited: {worker.exits}"
-        revisions = {k: v["revision"] for k, v in sinks.postgres([tenant]).items()}
-        assert_equal(revisions, landing, "postgres")
-        assert_equal({k: v["revision"] for k, v in sinks.graph_nodes([tenant]).items()}, landing, "graph")
-        assert_equal(sinks.search_documents([tenant]), landing, "search")
-        assert_equal(dlq_now(), expected_dlq, "dlq entries")
-
-    eventually(converged, timeout_s=180, context=worker.log_tail)
+    assert_converged(kafka, sinks, worker, prefix, revisions=landing, dlq=expected_dlq, exits=(),
+                     timeout_s=180)
     assert worker.process is not None and worker.process.poll() is None, "the worker is not running"
 
     # Each letter fits, points at the source position (never at a forged origin), and a cut value
@@ -97,13 +82,7 @@ def test_a_header_name_that_is_not_utf8_does_not_stop_the_consumer(
                                        (json.dumps(second).encode(), [])), b"ZZ", b"\xff\xfe")
     asyncio.run(send_raw_batch(kafka.bootstrap, f"{prefix}.source.kafka", raw))
     expected = {(tenant, "named-oddly"): 1, (tenant, "after-it"): 1}
-
-    def landed() -> None:
-        assert worker.exits == [], f"the worker exited: {worker.exits}"
-        assert_equal({k: v["revision"] for k, v in sinks.postgres([tenant]).items()}, expected, "postgres")
-        assert_equal(sinks.search_documents([tenant]), expected, "search")
-
-    eventually(landed, timeout_s=120, context=worker.log_tail)
+    assert_converged(kafka, sinks, worker, prefix, revisions=expected, exits=(), timeout_s=120)
 
 
 async def send_raw_batch(bootstrap: str, topic: str, raw: bytes) -> None:
@@ -134,9 +113,4 @@ def test_batches_compressed_with_every_codec_a_producer_may_use_are_read(
         value = json.dumps(record).encode()
         kafka.produce(f"{prefix}.source.kafka", [(f"{tenant}:by-{codec}".encode(), value)], compression=codec)
     expected = {(tenant, f"by-{codec}"): 1 for codec in codecs}
-
-    def landed() -> None:
-        assert worker.exits == [], f"the worker exited: {worker.exits}"
-        assert_equal({k: v["revision"] for k, v in sinks.postgres([tenant]).items()}, expected, "postgres")
-
-    eventually(landed, timeout_s=120, context=worker.log_tail)
+    assert_converged(kafka, sinks, worker, prefix, revisions=expected, exits=(), timeout_s=120)

@@ -29,7 +29,7 @@ from tests.integration.harness import (
     eventually,
     headers_of,
 )
-from tests.integration.test_pipeline import source_topics
+from tests.integration.pipeline_helpers import source_topics
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tests.integration.harness import (
     eventually,
     run_tool,
 )
-from tests.integration.test_pipeline import source_topics
+from tests.integration.pipeline_helpers import source_topics
 
 TOKEN = "test-admin-token"
 QUICK_LAG = {"INGEST_LAG_CHECK_INTERVAL_S": "0.5", "INGEST_ADMIN_TOKEN": TOKEN}
@@ -87,15 +87,11 @@ def test_with_no_token_configured_every_admin_route_refuses(make_worker, kafka: 
     assert state(worker) == "normal"
 
 
-def test_a_torn_audit_file_bad_query_values_and_unsendable_webhook_requests_stop_nothing(
-        make_worker, kafka: Kafka, prefix: str) -> None:
-    """Issue 16: the worker starts on an audit file whose last line was torn, a query value it
-    cannot take is a 400 with a reason, a replayed signature is 403, and a record Kafka can never
-    take is 413 — not a 503 inviting the sender to retry for ever."""
-    tenant = f"{prefix}-hook"
+def test_a_torn_audit_file_and_bad_query_values_stop_nothing(make_worker, kafka: Kafka, prefix: str) -> None:
+    """Issue 16: the worker starts on an audit file whose last line was torn, and a query value it
+    cannot take is a 400 with a reason."""
     kafka.create_topics(source_topics(prefix))
-    worker: WorkerProcess = make_worker(**QUICK_LAG, INGEST_WEBHOOK_MAX_BODY_BYTES="4000000",
-                                        INGEST_WEBHOOK_AUTH=json.dumps({tenant: {"hmac_secret": "sec"}}))
+    worker: WorkerProcess = make_worker(**QUICK_LAG)
     audit_file = Path(worker.env["INGEST_DATA_DIR"]) / "admin-audit.jsonl"
     audit_file.parent.mkdir(parents=True, exist_ok=True)
     kept = {"at": "2026-01-01T00:00:00Z", "who": "carol", "remote": "10.0.0.1", "action": "pause",
@@ -121,7 +117,18 @@ def test_a_torn_audit_file_bad_query_values_and_unsendable_webhook_requests_stop
     lines = audit_file.read_text().splitlines()
     assert lines[1].endswith('"who": "da')
     assert [json.loads(line)["action"] for line in lines[2:]] == ["read-audit", "brownout", "drain", "resume"]
+    assert worker.alive
 
+
+def test_a_replayed_webhook_signature_is_403_and_a_record_kafka_can_never_take_is_413_not_503(
+        make_worker, kafka: Kafka, prefix: str) -> None:
+    """Issue 16: a replayed signature is 403, and a record Kafka can never take is 413 — not a 503
+    inviting the sender to retry for ever."""
+    tenant = f"{prefix}-hook"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(**QUICK_LAG, INGEST_WEBHOOK_MAX_BODY_BYTES="4000000",
+                                        INGEST_WEBHOOK_AUTH=json.dumps({tenant: {"hmac_secret": "sec"}}))
+    worker.start()
     one = json.dumps({**v2(tenant, "w0", 1), "source": "webhook"}).encode()
     stamp = str(int(time.time()))
     signed = {"X-Tenant": tenant, "X-Signature": sign("sec", stamp, one), "X-Signature-Timestamp": stamp}

@@ -12,7 +12,7 @@ import pytest
 from tests.dataset import v2
 from tests.integration.browser import ARTIFACTS, read_page, rendered_dom, screenshot
 from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_equal, eventually
-from tests.integration.test_pipeline import source_topics
+from tests.integration.pipeline_helpers import source_topics
 
 VIEWER = "viewer-s3cret"
 GUARDED = ["/", "/operator/state", "/ingest/audit", "/kpis", "/checkpoints", "/checkpoints/x/kafka",

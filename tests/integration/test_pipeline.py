@@ -5,73 +5,19 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from typing import Any
 
-from ingest_stream.config import SOURCES
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.stream.watchdog import STALL_EXIT_CODE
-from tests.dataset import SINKS, Dataset, mixed_dataset, v2, with_bulk_tenant
-from tests.integration.harness import (
-    Kafka,
-    SinkReader,
-    WorkerProcess,
-    assert_equal,
-    eventually,
-    headers_of,
+from tests.dataset import Dataset, mixed_dataset, v2, with_bulk_tenant
+from tests.integration.harness import Kafka, SinkReader, WorkerProcess, eventually, headers_of
+from tests.integration.pipeline_helpers import (
+    LIMIT,
+    PRODUCER_HEADER,
+    assert_converged,
+    consumed_topics,
+    produce_dataset,
+    source_topics,
 )
-
-LIMIT = 64 * 1024
-PRODUCER_HEADER = ("x-producer", b"integration-test")
-
-
-def source_topics(prefix: str) -> list[str]:
-    """What an upstream producer's platform would create; the worker creates the rest itself."""
-    return [f"{prefix}.source.{s}" for s in SOURCES]
-
-
-def consumed_topics(prefix: str) -> list[str]:
-    """The topics the worker's group consumes for the Kafka source: it, then one per sink."""
-    return [f"{prefix}.source.kafka"] + [f"{prefix}.sink.{s}" for s in SINKS]
-
-
-def expected_postgres(data: Dataset) -> dict[Any, Any]:
-    return {k: {"revision": e.revision, "deleted": e.deleted, "kind": e.kind, "attributes": e.attributes}
-            for k, e in data.final.items()}
-
-
-def expected_graph(data: Dataset) -> dict[Any, Any]:
-    return {k: {"revision": e.revision, "deleted": e.deleted, "kind": e.kind} for k, e in data.final.items()}
-
-
-def expected_edges(data: Dataset) -> set[tuple[str, str, str, str]]:
-    return {(t, i, link["rel"], link["to"]) for (t, i), e in data.final.items() for link in e.links}
-
-
-def expected_search(data: Dataset) -> dict[Any, int]:
-    return {k: e.revision for k, e in data.final.items() if not e.deleted}
-
-
-def dlq_entries(kafka: Kafka, topic: str) -> Counter[tuple[str, int, int, str, str]]:
-    """(origin topic, partition, offset, reason, stage) of every DLQ record."""
-    entries: Counter[tuple[str, int, int, str, str]] = Counter()
-    for message in kafka.read_all(topic):
-        h = headers_of(message)
-        entries[(h["dlq.origin.topic"], int(h["dlq.origin.partition"]), int(h["dlq.origin.offset"]),
-                 h["dlq.reason"], h["dlq.stage"])] += 1
-    return entries
-
-
-def assert_sinks_hold(sinks: SinkReader, data: Dataset) -> None:
-    tenants = data.tenants
-    assert_equal(sinks.postgres(tenants), expected_postgres(data), "postgres rows")
-    assert_equal(sinks.graph_nodes(tenants), expected_graph(data), "graph nodes")
-    assert_equal(sinks.graph_edges(tenants), expected_edges(data), "graph edges")
-    assert_equal(sinks.search_documents(tenants), expected_search(data), "search documents")
-
-
-def produce(kafka: Kafka, prefix: str, data: Dataset) -> list[tuple[int, int]]:
-    return kafka.produce(f"{prefix}.source.kafka",
-                         [(m.key, m.value) for m in data.messages], headers=[PRODUCER_HEADER])
 
 
 def test_mixed_dataset_end_to_end(kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
@@ -79,7 +25,7 @@ def test_mixed_dataset_end_to_end(kafka: Kafka, sinks: SinkReader, make_worker, 
     kafka.create_topics(source_topics(prefix))
     worker: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT))
     worker.start()
-    positions = produce(kafka, prefix, data)
+    positions = produce_dataset(kafka, prefix, data)
     source = f"{prefix}.source.kafka"
     expected_dlq = Counter((source, *positions[i], reason, stage) for i, reason, stage in data.dlq)
     # A foreign record written straight to a sink topic is dead-lettered there; the worker survives.
@@ -87,13 +33,11 @@ def test_mixed_dataset_end_to_end(kafka: Kafka, sinks: SinkReader, make_worker, 
     [(partition, offset)] = kafka.produce(sink_topic, [(b"x:y", b'{"not": "a record"}')])
     expected_dlq[(sink_topic, partition, offset, "SCHEMA_DRIFT", "sink.postgres")] += 1
 
-    def converged() -> None:
-        assert_sinks_hold(sinks, data)
-        assert_equal(dlq_entries(kafka, f"{prefix}.dlq"), expected_dlq, "dlq entries")
-
-    eventually(converged, timeout_s=180, context=worker.log_tail)
-    # Everything the worker read is acknowledged: committed == end on every topic it consumes.
-    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed_topics(prefix)), timeout_s=30)
+    # The sinks hold the dataset and the DLQ exactly its letters and the foreign record's; everything
+    # the worker read is acknowledged (committed == end on every topic it consumes); nothing older
+    # ever overwrote newer.
+    assert_converged(kafka, sinks, worker, prefix, data=data, dlq=expected_dlq, timeout_s=180,
+                     committed=consumed_topics(prefix))
 
     # The DLQ holds the original bytes and headers, with provenance.
     by_position = {positions[i]: data.messages[i] for i in range(len(positions))}
@@ -123,9 +67,8 @@ def test_mixed_dataset_end_to_end(kafka: Kafka, sinks: SinkReader, make_worker, 
     # Checkpoints (read from the table's changelog): per tenant and partition, the last offset and
     # the latest event time of the records forwarded.
     assert _checkpoints(kafka, prefix) == _expected_checkpoints(prefix, data, positions)
-    # Duplicates were dropped silently and counted; nothing older ever overwrote newer.
+    # Duplicates were dropped silently and counted.
     assert worker.metric("ingest_duplicates_total", source="kafka") == data.duplicates
-    assert sinks.postgres_overwrites_of_newer(data.tenants) == []
     assert worker.metric("ingest_dlq_total", reason="OLDER_REVISION") == sum(
         1 for _, reason, _ in data.dlq if reason == "OLDER_REVISION")
 
@@ -139,7 +82,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka: Kafka, sinks: Sink
     worker: WorkerProcess = make_worker(INGEST_MAX_RECORD_BYTES=str(LIMIT), INGEST_STALL_TIMEOUT_S="20",
                                         INGEST_STALL_CHECK_INTERVAL_S="2")
     worker.start()
-    positions = produce(kafka, prefix, data)
+    positions = produce_dataset(kafka, prefix, data)
 
     # Kill as soon as the bulk tenant starts reaching Postgres: mid-stream.
     eventually(lambda: _assert_some_rows(sinks, bulk), timeout_s=120, interval_s=0.05,
@@ -154,17 +97,10 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka: Kafka, sinks: Sink
     source = f"{prefix}.source.kafka"
     expected_dlq = {(source, *positions[i], reason, stage) for i, reason, stage in data.dlq}
 
-    def converged() -> None:
-        assert_sinks_hold(sinks, data)
-        assert_equal(set(dlq_entries(kafka, f"{prefix}.dlq")), expected_dlq, "dlq entries")
-
-    eventually(converged, timeout_s=300, interval_s=2, context=worker.log_tail)
-    # Room for a watchdog restart (20 s to detect, then a restart) if the committer is stuck.
-    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed_topics(prefix)), timeout_s=120,
-               interval_s=2)
-    assert sinks.postgres_overwrites_of_newer(data.tenants) == []
-    # Only stall exits were restarted; report them (a Faust stream stall seen after restarts).
-    assert set(worker.exits) <= {STALL_EXIT_CODE}, worker.exits
+    # Room for a watchdog restart (20 s to detect, then a restart) if the committer is stuck. Only
+    # stall exits were restarted; report them (a Faust stream stall seen after restarts).
+    assert_converged(kafka, sinks, worker, prefix, data=data, dlq=expected_dlq, exits={STALL_EXIT_CODE},
+                     timeout_s=300, interval_s=2, committed=consumed_topics(prefix), commit_timeout_s=120)
     print(f"stall restarts after the SIGKILL: {len(worker.exits)}")
 
 
@@ -202,14 +138,8 @@ def test_a_second_worker_joins_then_the_first_leaves_mid_stream(kafka: Kafka, si
 
     expected_dlq = {(source, *positions[i], reason, stage) for i, reason, stage in data.dlq}
 
-    def converged() -> None:
-        assert_sinks_hold(sinks, data)
-        assert_equal(set(dlq_entries(kafka, f"{prefix}.dlq")), expected_dlq, "dlq entries")
-
-    eventually(converged, timeout_s=240, interval_s=2, context=second.log_tail)
-    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", consumed_topics(prefix)), timeout_s=60,
-               interval_s=2)
-    assert sinks.postgres_overwrites_of_newer(data.tenants) == []
+    assert_converged(kafka, sinks, second, prefix, data=data, dlq=expected_dlq, timeout_s=240, interval_s=2,
+                     committed=consumed_topics(prefix), commit_timeout_s=60)
     assert (first.exits, second.exits) == ([], []), "a worker stalled (exit 70) and was restarted"
 
 
@@ -248,12 +178,6 @@ def _expected_checkpoints(prefix: str, data: Dataset, positions: list[tuple[int,
 
 def _assert_some_rows(sinks: SinkReader, tenant: str) -> None:
     assert len(sinks.postgres([tenant])) > 0
-
-
-def _assert_no_lag(kafka: Kafka, group: str, topics: list[str]) -> None:
-    lag = kafka.lag(group, topics)
-    assert lag, "no committed offsets"
-    assert {tp: n for tp, n in lag.items() if n} == {}
 
 
 def test_dedupe_keys_expire_and_are_evicted(kafka: Kafka, sinks: SinkReader, make_worker,
@@ -297,11 +221,5 @@ def test_records_trickling_in_one_by_one_all_arrive(kafka: Kafka, sinks: SinkRea
             kafka.produce(f"{prefix}.source.kafka", [(f"{tenant}:d0".encode(), older)])
         time.sleep(0.4)  # pacing the producer, not waiting for a result
     expected = {(tenant, f"d{i}"): 1 for i in range(12)}
-    eventually(lambda: _assert_revisions(sinks, tenant, expected), timeout_s=60, context=worker.log_tail)
-    eventually(lambda: _assert_no_lag(kafka, f"it-{prefix}", [f"{prefix}.source.kafka"]), timeout_s=30)
-
-
-def _assert_revisions(sinks: SinkReader, tenant: str, expected: dict[tuple[str, str], int]) -> None:
-    assert {k: v["revision"] for k, v in sinks.postgres([tenant]).items()} == expected
-    assert {k: v["revision"] for k, v in sinks.graph_nodes([tenant]).items()} == expected
-    assert sinks.search_documents([tenant]) == expected
+    assert_converged(kafka, sinks, worker, prefix, revisions=expected, timeout_s=60,
+                     committed=[f"{prefix}.source.kafka"])

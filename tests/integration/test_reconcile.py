@@ -19,7 +19,7 @@ from ingest_stream.ops.reconcile import Readers, diff_tenant, recheck
 from ingest_stream.ops.reconcile import reconcile as run_reconcile
 from tests.dataset import v2
 from tests.integration.harness import PROJECT_ROOT, Kafka, SinkReader, WorkerProcess, eventually
-from tests.integration.test_pipeline import source_topics
+from tests.integration.pipeline_helpers import source_topics
 
 IDS = ["r0", "r1", "r2", "a b/ç%", "r3-gone"]  # one id Typesense must percent-escape
 

@@ -23,7 +23,7 @@ from tests.integration.harness import (
     headers_of,
     run_tool,
 )
-from tests.integration.test_pipeline import source_topics
+from tests.integration.pipeline_helpers import source_topics
 
 THROTTLE = 5  # records per second: the 60 records take 12 s, and the kill must land midway
 
@@ -33,9 +33,10 @@ def replayctl(worker: WorkerProcess, *args: str, expect_exit: int = 0, json_outp
                     expect_exit=expect_exit)
 
 
-def test_replay_reapplies_exactly_the_tenants_range_throttled_approved_and_resumable(
-        kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
-    target, other = f"{prefix}-acme", f"{prefix}-other"
+def produce_around_a_range(kafka: Kafka, prefix: str, target: str, other: str) -> tuple[str, ...]:
+    """Records of two tenants before, in and after a range (an hour, ending an hour ago) in the Kafka
+    source, 130 in all; in the range 60 of `target`'s (in0…in59) and 30 of `other`'s. Returns the
+    `replayctl plan` options for `target` in that range."""
     now_ms = int(time.time() * 1000)
     start_ms, stop_ms = now_ms - 2 * 3600_000, now_ms - 3600_000
     batches = [  # (tenant, ids, first timestamp): before the range, in it, after it
@@ -45,17 +46,20 @@ def test_replay_reapplies_exactly_the_tenants_range_throttled_approved_and_resum
         (other, [f"y{i}" for i in range(30)], start_ms + 2000),
         (target, [f"new{i}" for i in range(10)], stop_ms + 1000),
     ]
-    source = f"{prefix}.source.kafka"
-    kafka.create_topics(source_topics(prefix))
-    worker: WorkerProcess = make_worker(INGEST_REPLAY_APPROVAL_THRESHOLD="50")
-    worker.start()
     for tenant, ids, first_ms in batches:
-        kafka.produce(source, [(f"{tenant}:{i}".encode(), json.dumps(v2(tenant, i, 1)).encode())
-                               for i in ids], timestamps_ms=[first_ms + n for n in range(len(ids))])
-    eventually(lambda: _assert_count(sinks, [target, other], 130), timeout_s=90, context=worker.log_tail)
-    writes_before = {t: len(sinks.audit([t])) for t in (target, other)}
-    window = ("--tenant", target, "--from", _rfc3339(start_ms), "--to", _rfc3339(stop_ms),
-              "--sources", "kafka", "--throttle", str(THROTTLE))
+        kafka.produce(f"{prefix}.source.kafka",
+                      [(f"{tenant}:{i}".encode(), json.dumps(v2(tenant, i, 1)).encode()) for i in ids],
+                      timestamps_ms=[first_ms + n for n in range(len(ids))])
+    return ("--tenant", target, "--from", _rfc3339(start_ms), "--to", _rfc3339(stop_ms),
+            "--sources", "kafka", "--throttle", str(THROTTLE))
+
+
+def test_a_replay_is_refused_under_legal_hold_and_runs_only_approved_with_a_well_formed_rfa(
+        kafka: Kafka, make_worker, prefix: str) -> None:
+    target, other = f"{prefix}-acme", f"{prefix}-other"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(INGEST_REPLAY_APPROVAL_THRESHOLD="50")  # not started: broker only
+    window = produce_around_a_range(kafka, prefix, target, other)
 
     # A legal hold refuses the plan; cleared, the plan counts exactly the tenant's records in range.
     replayctl(worker, "hold", "set", "--tenant", target, "--reason", "litigation", "--json")
@@ -74,6 +78,26 @@ def test_replay_reapplies_exactly_the_tenants_range_throttled_approved_and_resum
     assert "legal hold" in replayctl(worker, "approve", plan_id, "--rfa", "RFA-1234", expect_exit=1,
                                      json_output=False)
     replayctl(worker, "hold", "clear", "--tenant", target, "--json")
+    assert replayctl(worker, "approve", plan_id, "--rfa", "RFA-1234", "--json")["status"] == "approved"
+
+
+def test_replay_reapplies_exactly_the_tenants_range_throttled_approved_and_resumable(
+        kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
+    target, other = f"{prefix}-acme", f"{prefix}-other"
+    source = f"{prefix}.source.kafka"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(INGEST_REPLAY_APPROVAL_THRESHOLD="50")
+    worker.start()
+    window = produce_around_a_range(kafka, prefix, target, other)
+    eventually(lambda: _assert_count(sinks, [target, other], 130), timeout_s=90, context=worker.log_tail)
+    writes_before = {t: len(sinks.audit([t])) for t in (target, other)}
+
+    # The plan counts exactly the tenant's records in range; above the threshold, it is approved
+    # (what a legal hold and a missing or malformed approval do: the test above).
+    plan = replayctl(worker, "plan", *window, "--json")
+    assert plan["estimate"] == {"kafka": 60}
+    assert (plan["status"], plan["needs_approval"]) == ("pending", True)  # 60 > the threshold of 50
+    plan_id = plan["id"]
     assert replayctl(worker, "approve", plan_id, "--rfa", "RFA-1234", "--json")["status"] == "approved"
 
     # Run it, SIGKILL the runner midway, run it again: it resumes and completes.

@@ -13,7 +13,7 @@ from typing import Any
 from ingest_stream.core.webhook import sign
 from tests.dataset import v2
 from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_equal, eventually, headers_of
-from tests.integration.test_pipeline import source_topics
+from tests.integration.pipeline_helpers import source_topics
 
 ADMIN = "admin-token"
 

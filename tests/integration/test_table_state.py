@@ -7,7 +7,7 @@ import json
 
 from tests.dataset import v2
 from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_equal, eventually, run_tool
-from tests.integration.test_pipeline import source_topics
+from tests.integration.pipeline_helpers import source_topics
 
 
 def test_checkpoints_and_dedupe_stats_answer_from_the_tables(kafka: Kafka, sinks: SinkReader, make_worker,

@@ -12,30 +12,16 @@ import re
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from ingest_stream.core.dlq import Position, failure_headers, fit_letter
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.ops.devstack import DevStack
 from tests.dataset import mixed_dataset, v2
-from tests.integration.harness import (
-    Kafka,
-    SinkReader,
-    WorkerProcess,
-    assert_equal,
-    eventually,
-    headers_of,
-    run_tool,
-)
-from tests.integration.test_pipeline import LIMIT, PRODUCER_HEADER, source_topics
+from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_equal, eventually, headers_of
+from tests.integration.pipeline_helpers import LIMIT, PRODUCER_HEADER, dlqtriage, source_topics
 
 FAST = {"INGEST_BREAKER_OPEN_S": "2", "INGEST_SINK_RETRY_BASE_S": "0.1", "INGEST_SINK_RETRY_CAP_S": "0.5",
         "INGEST_SINK_RETRY_ATTEMPTS": "3", "INGEST_SINK_TIMEOUT_S": "10", "INGEST_SINK_FAILURE_POLICY": "dlq"}
-
-
-def dlqtriage(worker: WorkerProcess, *args: str, json_output: bool = True, expect_exit: int = 0) -> Any:
-    return run_tool(worker, "ingest_stream.ops.dlqtriage", *args, json_output=json_output,
-                    expect_exit=expect_exit)
 
 
 def reasons_in_topic(kafka: Kafka, topic: str) -> Counter[str]:

@@ -81,3 +81,12 @@ def test_a_legal_hold_is_set_with_a_tenant_and_a_reason(capsys):
     with pytest.raises(SystemExit) as refused:
         replayctl.main(["hold", "set", "--tenant", "acme"])
     assert refused.value.code == 2 and "--reason" in capsys.readouterr().err
+
+
+def test_every_dlqtriage_command_is_run_by_its_own_function():
+    import argparse
+
+    from ingest_stream.ops import dlqtriage
+
+    (commands,) = [a for a in dlqtriage.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == set(dlqtriage.COMMANDS)
