@@ -25,7 +25,7 @@ import orjson
 from aiokafka.errors import KafkaError
 from neo4j import AsyncGraphDatabase
 
-from ingest_stream.config import Settings
+from ingest_stream.config import Neo4jFlavor, Settings
 from ingest_stream.core.reconcile import DEFAULT_SAMPLE, Diff, Entry, typesense_entry, window_end
 from ingest_stream.core.triage import Selection
 from ingest_stream.ops.dead_letters import DeadLetterStore
@@ -97,7 +97,7 @@ class Readers:
         if self._pg is not None:
             await self._pg.close()
         # FalkorDB stops answering new connections after a driver's close() (sinks/neo4j.py)
-        if self._graph is not None and self.settings.neo4j.flavor != "falkordb":
+        if self._graph is not None and self.settings.neo4j.flavor is not Neo4jFlavor.FALKORDB:
             await self._graph.close()
         if self._http is not None:
             await self._http.aclose()

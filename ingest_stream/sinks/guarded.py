@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
+from ingest_stream.config import FailurePolicy
 from ingest_stream.core.backoff import BackoffPolicy
 from ingest_stream.core.breaker import CircuitBreaker, CircuitState
 from ingest_stream.core.reasons import Reason
@@ -50,7 +51,7 @@ class GuardedSink:
         *,
         metrics: Metrics,
         backoff: BackoffPolicy,
-        failure_policy: str,
+        failure_policy: FailurePolicy | str,
         timeout_s: float,
         breaker: CircuitBreaker | None = None,
         split_gives_up_after: int = 4,
@@ -62,7 +63,7 @@ class GuardedSink:
         self.name = sink.name
         self._metrics = metrics
         self._backoff = backoff
-        self._failure_policy = failure_policy
+        self._failure_policy = FailurePolicy(failure_policy)  # "dlq" and FailurePolicy.DLQ alike
         self._timeout_s = timeout_s
         # A split takes the sink for down after this many single records tried, none written;
         # once it was written to, after this many part failures in a row it checks that the
@@ -70,7 +71,7 @@ class GuardedSink:
         self._split_gives_up_after = split_gives_up_after
         # Under `dlq`, a batch is split at least once before it is given up.
         self._split_from = SPLIT_AFTER_FAILURES + 1
-        if failure_policy == "dlq":
+        if self._failure_policy is FailurePolicy.DLQ:
             self._split_from = min(self._split_from, max(2, backoff.max_attempts))
         self._sleep = sleep
         self._random = random
@@ -218,7 +219,7 @@ class GuardedSink:
 
     # --- what a split of a failing batch uses (sinks/split.py) ----------------------------------
     @property
-    def failure_policy(self) -> str:
+    def failure_policy(self) -> FailurePolicy:
         return self._failure_policy
 
     @property
@@ -250,7 +251,7 @@ class GuardedSink:
 
     def gives_up_at(self, attempt: int) -> bool:
         """Whether a batch still failing after `attempt` attempts is given up (`dlq` only)."""
-        return self._failure_policy == "dlq" and self._backoff.exhausted(attempt)
+        return self._failure_policy is FailurePolicy.DLQ and self._backoff.exhausted(attempt)
 
     def retry_delay(self, attempt: int, *, retry_after_s: float | None = None) -> float:
         """Seconds to wait after failed attempt number `attempt` (the backoff, jittered)."""

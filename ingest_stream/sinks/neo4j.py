@@ -21,7 +21,7 @@ import orjson
 from neo4j import AsyncGraphDatabase
 from neo4j import exceptions as neo4j_errors
 
-from ingest_stream.config import Settings
+from ingest_stream.config import Neo4jFlavor, Settings
 from ingest_stream.core.reasons import Reason
 from ingest_stream.core.record import entity_key, split_entity_key
 from ingest_stream.core.revision import Version
@@ -73,10 +73,10 @@ RETURN n.tenant AS tenant, n.id AS id, n.revision AS revision, n.origin_tp AS or
 """
 _SCHEMA = {
     # Neo4j 5: uniqueness of the identity, which also indexes it.
-    "neo4j": ["CREATE CONSTRAINT record_identity IF NOT EXISTS "
+    Neo4jFlavor.NEO4J: ["CREATE CONSTRAINT record_identity IF NOT EXISTS "
               "FOR (n:Record) REQUIRE (n.tenant, n.id) IS UNIQUE"],
     # The FalkorDB stand-in has no constraints and no IF NOT EXISTS; a plain index works once.
-    "falkordb": ["CREATE INDEX FOR (n:Record) ON (n.tenant, n.id)"],
+    Neo4jFlavor.FALKORDB: ["CREATE INDEX FOR (n:Record) ON (n.tenant, n.id)"],
 }
 
 
@@ -87,13 +87,13 @@ class Neo4jSink:
     name = NAME
 
     def __init__(
-        self, uri: str, *, user: str, password: str, batch_size: int, flavor: str,
+        self, uri: str, *, user: str, password: str, batch_size: int, flavor: Neo4jFlavor | str,
         timeout_s: float, max_request_bytes: int = 0, concurrency: int = 1,
     ) -> None:
         self._uri = uri
         self._auth = (user, password)
         self._batch_size = max(1, batch_size)
-        self._flavor = flavor
+        self._flavor = Neo4jFlavor(flavor)
         self._max_request_bytes = max_request_bytes
         self._concurrency = max(1, concurrency)
         self._timeout_s = timeout_s
@@ -109,14 +109,14 @@ class Neo4jSink:
                 try:
                     await self._driver.execute_query(statement)
                 except neo4j_errors.Neo4jError as exc:
-                    if self._flavor != "falkordb":
+                    if self._flavor is not Neo4jFlavor.FALKORDB:
                         raise
                     log.debug("neo4j: schema statement skipped (already there?): %s", exc)
 
     async def close(self) -> None:
         # FalkorDB stops answering *new* connections after a driver's close(); exiting without it
         # is harmless there (the server sees the sockets drop), so the stand-in is never closed.
-        if self._driver is not None and self._flavor != "falkordb":
+        if self._driver is not None and self._flavor is not Neo4jFlavor.FALKORDB:
             await self._driver.close()
         self._driver = None
 

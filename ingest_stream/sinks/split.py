@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+from ingest_stream.config import FailurePolicy
 from ingest_stream.core.reasons import Reason
 from ingest_stream.errors import SinkError
 from ingest_stream.sinks.base import BatchOutcome, Write, where
@@ -155,7 +156,7 @@ class BatchSplit:
                 await self._narrow(units[key], failed)
         if not self.alive and len(units) == 1 and await self._takes_a_probe_write():
             held_s = guard.failing_alone_for()  # nothing else to write: the sink's own write tells
-            if guard.failure_policy == "hold" and held_s < LONE_ENTITY_HOLD_S:
+            if guard.failure_policy is FailurePolicy.HOLD and held_s < LONE_ENTITY_HOLD_S:
                 raise _SplitStopped(f"{next(iter(units))} fails alone while the sink's probe write "
                                     f"goes through, for {held_s:.0f}s (dead-lettered after "
                                     f"{LONE_ENTITY_HOLD_S:.0f}s)")
