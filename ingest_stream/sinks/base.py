@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,6 +54,27 @@ class BatchOutcome:
         for writes_of in (self.applied, self.skipped, self.older):
             writes_of.sort(key=lambda w: position[id(w)])
         self.failed.sort(key=lambda f: position[id(f[0])])
+
+
+OlderHandler = Callable[[list[Write]], Awaitable[None]]
+
+
+@dataclass
+class BatchCall:
+    """What one `GuardedSink.apply` call learns about its batch across its attempts and splits:
+    kept per call (the sink keeps only what outlives a batch: its circuit, its last error)."""
+
+    before_write: OlderHandler | None = None  # gets the writes found older, before any write
+    handed_over: set[int] = field(default_factory=set)  # id() of the writes before_write received
+    planned: set[int] = field(default_factory=set)  # id() of the writes the last plan was to write
+    lone_since: float | None = None  # when a batch of one entity was first seen failing alone
+
+    def failing_alone_for(self, now: float) -> float:
+        """Seconds since the batch (of one entity) was first seen failing alone while the sink's
+        probe write went through; 0.0 the first time."""
+        if self.lone_since is None:
+            self.lone_since = now
+        return now - self.lone_since
 
 
 def where(write: Write) -> str:

@@ -20,13 +20,12 @@ from ingest_stream.core.revision import plan_batch
 from ingest_stream.core.timefmt import format_rfc3339
 from ingest_stream.errors import SinkError
 from ingest_stream.metrics import Metrics
-from ingest_stream.sinks.base import BatchOutcome, Sink, Write, where
+from ingest_stream.sinks.base import BatchCall, BatchOutcome, OlderHandler, Sink, Write, where
 from ingest_stream.sinks.split import BatchSplit
 
 __all__ = ["BatchOutcome", "GuardedSink"]  # BatchOutcome: sinks/base.py, the one result of a batch
 
 log = logging.getLogger(__name__)
-OlderHandler = Callable[[list[Write]], Awaitable[None]]
 
 SPLIT_AFTER_FAILURES = 2  # a batch that failed this many attempts is split on its next ones
 
@@ -82,10 +81,6 @@ class GuardedSink:
         self._opened = False
         self.retrying = False  # waiting out a failing sink: busy, not stalled
         self.splitting = False  # looking for the records of a batch that fail on their own
-        self._before_write: OlderHandler | None = None
-        self._handed_over: set[int] = set()  # id() of the writes `before_write` received
-        self._planned: set[int] = set()  # id() of the writes the last call's plan was to write
-        self._lone_since: float | None = None  # a batch of one entity failing alone, probe going through
         self.consecutive_failures = 0
         self.last_error: SinkError | None = None
         self.last_error_at: float | None = None  # time.time()
@@ -99,20 +94,17 @@ class GuardedSink:
         parts (an entity's writes stay in one part, or in parts written in batch order). A dead
         letter for an older revision must be durable before the newer revision that hides it
         lands, or a crash in between loses it (after a restart the older one looks like replayed
-        history)."""
-        self._before_write = before_write
+        history). So it is called, not returned: between an attempt's read of the revisions and
+        its write, on every attempt (a retry may find more). What the call learns about its batch
+        stays in its `BatchCall`, not on the sink."""
         try:
-            outcome = await self._apply(writes)
+            outcome = await self._apply(writes, BatchCall(before_write))
             outcome.in_order_of(writes)  # a split writes parts in any order: report in batch order
             return outcome
         finally:
             self.retrying = False
-            self._before_write = None
-            self._handed_over = set()
-            self._planned = set()
-            self._lone_since = None
 
-    async def _apply(self, writes: Sequence[Write]) -> BatchOutcome:
+    async def _apply(self, writes: Sequence[Write], call: BatchCall) -> BatchOutcome:
         done = BatchOutcome()
         pending = list(writes)
         error: SinkError | None = None
@@ -122,13 +114,13 @@ class GuardedSink:
             if error is not None and attempt >= self._split_from:
                 shut = self._admit()
                 if shut is None:
-                    split = await BatchSplit(self, pending, attempt, error).run()
+                    split = await BatchSplit(self, call, pending, attempt, error).run()
                     done.merge(split.outcome)
                     pending, error, attempt = split.rest, split.error, split.attempt
                 else:
                     error = shut
             else:
-                result = await self._call(pending)
+                result = await self._call(pending, call)
                 if isinstance(result, BatchOutcome):
                     done.merge(result)
                     return done
@@ -138,7 +130,7 @@ class GuardedSink:
                     done.failed.append((pending[0], error, attempt))
                     return done
                 if not error.retryable:  # the sink answers: find the records it refuses
-                    split = await BatchSplit(self, pending, attempt, error).run()
+                    split = await BatchSplit(self, call, pending, attempt, error).run()
                     done.merge(split.outcome)
                     pending, error, attempt = split.rest, split.error, split.attempt
             if not pending:
@@ -165,7 +157,7 @@ class GuardedSink:
         return SinkError(self.name, Reason.CIRCUIT_OPEN, f"circuit open, probe in {wait:.1f}s",
                          retry_after_s=wait)
 
-    async def _call(self, writes: Sequence[Write], *,
+    async def _call(self, writes: Sequence[Write], call: BatchCall, *,
                     part_of_split: bool = False) -> BatchOutcome | SinkError:
         """One call through the circuit breaker: an outcome, or the error that stopped it. A
         split tells the breaker about its parts' retryable failures once it knows whose they
@@ -175,7 +167,7 @@ class GuardedSink:
             return shut
         try:
             async with asyncio.timeout(self._timeout_s):  # a hung server must not hang us
-                outcome = await self._attempt(writes)
+                outcome = await self._attempt(writes, call)
         except TimeoutError:
             error = SinkError(self.name, Reason.SINK_TIMEOUT, f"no answer in {self._timeout_s}s")
         except SinkError as exc:
@@ -228,26 +220,13 @@ class GuardedSink:
         checks that it still takes writes after this many part failures in a row)."""
         return self._split_gives_up_after
 
-    @property
-    def planned(self) -> set[int]:
-        """id() of the writes the last call's plan was to write, if it got that far."""
-        return self._planned
-
-    def was_handed_over(self, write: Write) -> bool:
-        """Whether `before_write` already received `write` as older than what the sink holds."""
-        return id(write) in self._handed_over
-
     def pick(self, count: int) -> int:
         """A random index below `count`, from the sink's random source."""
         return min(int(self._random() * count), count - 1)
 
-    def failing_alone_for(self) -> float:
-        """Seconds since the batch, of one entity, was first seen failing alone while the sink's
-        probe write went through (0.0 the first time; forgotten when the batch is done)."""
-        now = self._clock()
-        if self._lone_since is None:
-            self._lone_since = now
-        return now - self._lone_since
+    def now(self) -> float:
+        """The sink's clock (monotonic; tests replace it)."""
+        return self._clock()
 
     def gives_up_at(self, attempt: int) -> bool:
         """Whether a batch still failing after `attempt` attempts is given up (`dlq` only)."""
@@ -267,11 +246,11 @@ class GuardedSink:
         """Wait `delay_s` seconds (the sink's sleep: tests replace it)."""
         await self._sleep(delay_s)
 
-    async def write_part(self, writes: Sequence[Write]) -> BatchOutcome | SinkError:
+    async def write_part(self, writes: Sequence[Write], call: BatchCall) -> BatchOutcome | SinkError:
         """One call for a part of a split batch: only an open circuit stops it, and a retryable
         failure is not counted by the breaker (`settle_part_failures` does, once it is known
         whose it was)."""
-        return await self._call(writes, part_of_split=True)
+        return await self._call(writes, call, part_of_split=True)
 
     def settle_part_failures(self, count: int, *, sink_failed: bool) -> None:
         """Tell the breaker about `count` retryable failures of a split's parts: the sink's (each
@@ -306,21 +285,21 @@ class GuardedSink:
             self._metrics.circuit_state.labels(self.name).set(state)
             self._metrics.circuit_transitions.labels(self.name, state.label).inc()
 
-    async def _attempt(self, writes: Sequence[Write]) -> BatchOutcome:
+    async def _attempt(self, writes: Sequence[Write], call: BatchCall) -> BatchOutcome:
         if not self._opened:  # a sink that is down at start is retried like any outage
             await self.sink.open()
             self._opened = True
         keys = list(dict.fromkeys(w.key for w in writes))
-        self._planned = set()
+        call.planned = set()
         current = await self.sink.current_revisions(keys)
         plan = plan_batch(writes, current, key=lambda w: w.key, version=lambda w: w.version,
                           may_rewrite_equal=lambda w: w.may_rewrite_equal, replayed=lambda w: w.replayed)
-        fresh = [w for w in plan.older if id(w) not in self._handed_over]
-        if fresh and self._before_write is not None:
-            await self._before_write(fresh)
-            self._handed_over.update(id(w) for w in fresh)
+        fresh = [w for w in plan.older if id(w) not in call.handed_over]
+        if fresh and call.before_write is not None:
+            await call.before_write(fresh)
+            call.handed_over.update(id(w) for w in fresh)
         if plan.apply:
-            self._planned = {id(w) for w in plan.apply}
+            call.planned = {id(w) for w in plan.apply}
             await self.sink.write(plan.apply)
         return BatchOutcome(applied=plan.apply, skipped=plan.skip, older=plan.older)
 

@@ -16,7 +16,7 @@ from typing import Protocol
 from ingest_stream.config import FailurePolicy
 from ingest_stream.core.reasons import Reason
 from ingest_stream.errors import SinkError
-from ingest_stream.sinks.base import BatchOutcome, Write, where
+from ingest_stream.sinks.base import BatchCall, BatchOutcome, Write, where
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,9 @@ class Guard(Protocol):
     @property
     def split_gives_up_after(self) -> int: ...
 
-    @property
-    def planned(self) -> set[int]: ...  # id() of the writes the last call's plan was to write
-
-    def was_handed_over(self, write: Write) -> bool: ...
-
     def pick(self, count: int) -> int: ...
 
-    def failing_alone_for(self) -> float: ...
+    def now(self) -> float: ...
 
     def gives_up_at(self, attempt: int) -> bool: ...
 
@@ -62,7 +57,7 @@ class Guard(Protocol):
 
     async def sleep(self, delay_s: float) -> None: ...
 
-    async def write_part(self, writes: Sequence[Write]) -> BatchOutcome | SinkError: ...
+    async def write_part(self, writes: Sequence[Write], call: BatchCall) -> BatchOutcome | SinkError: ...
 
     async def takes_writes(self) -> bool: ...
 
@@ -76,8 +71,10 @@ class _SplitStopped(Exception):
 class BatchSplit:
     """One split of a failing batch (see `run`)."""
 
-    def __init__(self, guard: Guard, writes: list[Write], attempt: int, error: SinkError) -> None:
+    def __init__(self, guard: Guard, call: BatchCall, writes: list[Write], attempt: int,
+                 error: SinkError) -> None:
         self.guard = guard
+        self.call = call  # the batch's state across attempts (what was planned, handed over)
         self.writes = writes
         self.attempt = attempt
         self.error = error  # the latest failure: what the retry path goes on with if the split stops
@@ -111,7 +108,7 @@ class BatchSplit:
         Returns itself, done: `outcome` for the writes it resolved, `rest` to retry, and the
         `error` and `attempt` the retry path goes on with."""
         guard, writes, error = self.guard, self.writes, self.error
-        planned = guard.planned  # what the failed attempt was to write, if it got that far
+        planned = self.call.planned  # what the failed attempt was to write, if it got that far
         if self.alive:
             guard.retrying = False
         log.warning("sink %s: a batch of %d record(s) %s (%s); attempt %d splits it to find the "
@@ -155,7 +152,7 @@ class BatchSplit:
             if failed is not None:
                 await self._narrow(units[key], failed)
         if not self.alive and len(units) == 1 and await self._takes_a_probe_write():
-            held_s = guard.failing_alone_for()  # nothing else to write: the sink's own write tells
+            held_s = self.call.failing_alone_for(guard.now())  # nothing else to write: the probe tells
             if guard.failure_policy is FailurePolicy.HOLD and held_s < LONE_ENTITY_HOLD_S:
                 raise _SplitStopped(f"{next(iter(units))} fails alone while the sink's probe write "
                                     f"goes through, for {held_s:.0f}s (dead-lettered after "
@@ -202,7 +199,7 @@ class BatchSplit:
         waited out (the sink wants fewer calls, nothing is learned about the part)."""
         while True:
             self.calls += 1
-            result = await self.guard.write_part(part)
+            result = await self.guard.write_part(part, self.call)
             if isinstance(result, BatchOutcome):
                 self.resolve(part, result)
                 if result.applied:  # a part already held wrote nothing: no sign either way
@@ -263,7 +260,7 @@ class BatchSplit:
             self._fail(write, error, self.attempt + 1)
 
     def _fail(self, write: Write, error: SinkError, attempts: int) -> None:
-        if self.guard.was_handed_over(write):  # already dead-lettered as older: that is what it is
+        if id(write) in self.call.handed_over:  # already dead-lettered as older: that is what it is
             self.resolve([write], BatchOutcome(older=[write]))
         else:
             self.resolve([write], BatchOutcome(failed=[(write, error, attempts)]))
