@@ -147,11 +147,7 @@ async def _analyze(args: argparse.Namespace, out: TextIO) -> int:
     triage = _Triage.open(args)
     analysis = analyze([letter async for letter, _ in triage.store.selected(triage.selection)],
                        producer_header=args.producer_header)
-    if args.json:
-        write_json(analysis, out)
-    else:
-        print_analysis(analysis, out)
-    return 0
+    return _show(args, analysis, print_analysis, out)
 
 
 async def _export(args: argparse.Namespace, out: TextIO) -> int:
@@ -211,11 +207,7 @@ async def _summary(args: argparse.Namespace, out: TextIO) -> int:
 async def _sample(args: argparse.Namespace, out: TextIO) -> int:
     triage = _Triage.open(args)
     letters = await sample(triage.store, triage.selection, limit=args.limit, full=args.full)
-    if args.json:
-        write_json(letters, out)
-    else:
-        print_samples(letters, out)
-    return 0
+    return _show(args, letters, print_samples, out)
 
 
 async def _redrive(args: argparse.Namespace, out: TextIO) -> int:
@@ -241,6 +233,16 @@ async def _redrive(args: argparse.Namespace, out: TextIO) -> int:
                   f"{len(report.refusals)} of {report.refused} shown:", file=out)
             for refusal in report.refusals:
                 print(f"  {refusal['id']}: {printable(refusal['problem'])}", file=out)
+    return 0
+
+
+def _show(args: argparse.Namespace, document: Any, printer: Callable[[Any, TextIO], None],
+          out: TextIO) -> int:
+    """`--json`: the document as JSON; else as `printer` writes it for a person."""
+    if args.json:
+        write_json(document, out)
+    else:
+        printer(document, out)
     return 0
 
 
