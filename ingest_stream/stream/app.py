@@ -128,7 +128,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     app.pipeline = pipeline  # type: ignore[attr-defined]
 
     acked: dict[Any, int] = {}  # TP -> one past the highest offset an agent acked (for the watchdog)
-    produced = [t.get_topic_name() for t in (*topics.sinks.values(), topics.dlq)] + [
+    # Every topic this worker writes to: sink topics, the DLQ, table changelogs, and the source
+    # topics its adapters write (the webhook, S3, SFTP): a webhook request hung here, once, on a
+    # source topic the producer's metadata had dropped (faust_internals.track_produced_topics).
+    written = (*topics.sinks.values(), topics.dlq, *topics.sources.values())
+    produced = [t.get_topic_name() for t in written] + [
         table.changelog_topic.get_topic_name()
         for pair in tables.values() for table in (pair.dedupe, pair.checkpoints)]
     for source in SOURCES:
