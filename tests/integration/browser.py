@@ -54,7 +54,7 @@ class Page:
 
 
 class _Reader(HTMLParser):
-    ROW_KINDS = ("adapter", "sink", "reason", "tenant", "field")
+    ROW_KINDS = ("adapter", "sink", "reason", "tenant", "field", "action")
 
     def __init__(self) -> None:
         super().__init__()

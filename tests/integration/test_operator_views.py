@@ -15,6 +15,7 @@ from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_e
 from tests.integration.pipeline_helpers import source_topics
 
 VIEWER = "viewer-s3cret"
+ADMIN = "admin-s3cret"
 GUARDED = ["/", "/operator/state", "/ingest/audit", "/kpis", "/checkpoints", "/checkpoints/x/kafka",
            "/dedupe/stats"]
 
@@ -25,7 +26,7 @@ def fed_worker(kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> tup
     not JSON went through it."""
     tenant, other = f"{prefix}-acme", f"{prefix}-beta"
     kafka.create_topics(source_topics(prefix))
-    worker: WorkerProcess = make_worker(INGEST_VIEWER_TOKEN=VIEWER)
+    worker: WorkerProcess = make_worker(INGEST_VIEWER_TOKEN=VIEWER, INGEST_ADMIN_TOKEN=ADMIN)
     worker.start()
     records = [v2(tenant, f"doc-{i}", 1) for i in range(5)] + [v2(other, f"doc-{i}", 1) for i in range(2)]
     sent = [(f"{r['tenant']}:{r['id']}".encode(), json.dumps(r).encode()) for r in records]
@@ -96,6 +97,8 @@ def test_views_answer_from_the_workers_state_behind_the_viewer_token(fed_worker,
 
 def test_the_operator_page_in_chromium_shows_what_health_detailed_says(fed_worker) -> None:
     worker, tenant, _ = fed_worker
+    status, _ = worker.post("/admin/sources/sftp/disable", token=ADMIN, X_Operator="alice")
+    assert status == 200
     url = f"http://ops:{VIEWER}@127.0.0.1:{worker.web_port}/"
     page = read_page(rendered_dom(url))
     assert page.body.get("loaded") == "yes", page.by_id.get("error")
@@ -108,6 +111,10 @@ def test_the_operator_page_in_chromium_shows_what_health_detailed_says(fed_worke
         assert float(shown["lag_records"]) == adapter["lag_records"], name
         assert float(shown["lag_seconds"]) == pytest.approx(adapter["lag_seconds"], abs=1.0), name
     assert {name for kind, name in page.rows if kind == "adapter"} == set(health["adapters"])
+    assert health["adapters"]["sftp"]["enabled"] is False and page.rows["adapter", "sftp"]["cell2"] == "no"
+    assert page.rows["adapter", "kafka"]["cell2"] == "yes"
+    # the newest admin action first: who, what, and that it went through
+    assert [page.rows["action", "0"][f"cell{n}"] for n in (1, 2, 3)] == ["alice", "source-disable", "ok"]
     for name, sink in health["sinks"].items():
         assert page.rows["sink", name]["cell1"] == sink["circuit"], name
         assert page.rows["sink", name]["last_success_at"] == (sink["last_success_at"] or "—"), name
