@@ -124,7 +124,7 @@ def test_the_operator_page_in_chromium_shows_what_health_detailed_says(fed_worke
     assert int(page.rows["tenant", "*"]["records_in"]) == 9
     assert int(page.rows["tenant", tenant]["dead_lettered"]) == 0
 
-    laptop = screenshot(url, ARTIFACTS / "operator-page-laptop.png", width=1280, height=1000)
+    laptop = screenshot(url, ARTIFACTS / "operator-page-laptop.png", width=1280, height=1300)
     phone_url = url
     phone = read_page(rendered_dom(phone_url, width=390, height=844))
     assert phone.body.get("fits") == "true", "the page is wider than a phone's screen"
