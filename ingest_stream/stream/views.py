@@ -99,9 +99,10 @@ def install_views(app: faust.App, pipeline: Pipeline) -> None:
                                        "style-src 'unsafe-inline'; connect-src 'self'"})
 
     def audit(view: View, request: Request) -> Response:
-        rows = pipeline.audit.audit(now_s=time.time(), minutes=query_minutes(request.query),
+        minutes = query_minutes(request.query)
+        rows = pipeline.audit.audit(now_s=time.time(), minutes=minutes,
                                     tenant=request.query.get("tenant"), source=request.query.get("source"))
-        return view.json({"worker": held(app, pipeline), "window_minutes": query_minutes(request.query),
+        return view.json({"worker": held(app, pipeline), "window_minutes": minutes,
                           "rows": rows})
 
     def kpis(view: View, request: Request) -> Response:
