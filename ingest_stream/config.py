@@ -20,6 +20,7 @@ from ingest_stream.core.backoff import BackoffPolicy
 from ingest_stream.core.backpressure import Thresholds
 from ingest_stream.core.breaker import BreakerPolicy
 from ingest_stream.core.files import parse_locations, parse_sftp_locations
+from ingest_stream.core.lanes import LanePolicy
 from ingest_stream.core.webhook import parse_auth
 from ingest_stream.errors import ConfigError
 from ingest_stream.sinks.registry import SINK_NAMES
@@ -122,7 +123,8 @@ class SourceSettings:
 # the names the settings always had; a few fields keep a name of their own.
 GROUP_PREFIXES: dict[str, str] = {
     "postgres": "POSTGRES_", "neo4j": "NEO4J_", "typesense": "TYPESENSE_", "sink": "SINK_",
-    "sink_retry": "SINK_RETRY_", "breaker": "BREAKER_", "backpressure": "", "web": "WEB_", "sources": "",
+    "sink_retry": "SINK_RETRY_", "breaker": "BREAKER_", "lanes": "SINK_LANE_", "backpressure": "",
+    "web": "WEB_", "sources": "",
 }
 ENV_NAMES: dict[tuple[str, str], str] = {
     ("sink", "max_concurrent_writes"): "INGEST_MAX_CONCURRENT_SINK_WRITES",
@@ -179,6 +181,7 @@ class Settings:
     sink: SinkSettings = field(default_factory=SinkSettings)
     sink_retry: BackoffPolicy = field(default_factory=BackoffPolicy)  # per batch, under `dlq`
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)  # a circuit per sink
+    lanes: LanePolicy = field(default_factory=LanePolicy)  # in process or spilled (core/lanes.py)
     backpressure: Thresholds = field(default_factory=Thresholds)  # core/backpressure.py
     web: WebSettings = field(default_factory=WebSettings)
     sources: SourceSettings = field(default_factory=SourceSettings)

@@ -74,6 +74,13 @@ class Metrics:
         self.circuit_transitions = Counter(
             "ingest_circuit_transitions_total", "Circuit breaker state changes, by the state entered.",
             ["sink", "state"], registry=r)
+        self.sink_lane_state = Gauge(
+            "ingest_sink_lane_state", "How the processing agents hand a sink its records: 0 in process, "
+            "1 spilling to its sink topic, 2 switching back (waiting for the topic to drain).", ["sink"],
+            registry=r)
+        self.sink_spilled = Counter(
+            "ingest_sink_spilled_records_total", "Records spilled to a sink's topic instead of written in "
+            "process (the sink was down or slow, or its topic was draining).", ["sink"], registry=r)
         self.consumer_lag_records = Gauge(
             "ingest_consumer_lag_records", "Records not yet committed by the worker's consumer group.",
             ["topic", "partition"], registry=r)

@@ -226,9 +226,14 @@ def _target(letter: DeadLetter, targets: RedriveTargets) -> str:
     topic = targets.sinks.get(sink)
     if topic is None:
         raise _Refused(f"stage {e.stage.value}: sink {sink!r} is not one this app runs (INGEST_SINKS)")
-    if e.failed is not None and e.failed.topic != topic:
+    # Failed in the sink topic (spilled, redriven), or written in process: failed where it entered.
+    if e.failed is not None and e.failed.topic != topic and not _same_place(e.failed, e.origin):
         raise _Refused(f"stage {e.stage.value} but dlq.failed.topic {e.failed.topic!r} is not {topic!r}")
     return topic
+
+
+def _same_place(a: Position, b: Position) -> bool:
+    return (a.topic, a.partition, a.offset) == (b.topic, b.partition, b.offset)
 
 
 def truncation_of(letter: DeadLetter) -> Truncation | None:

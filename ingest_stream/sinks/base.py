@@ -42,16 +42,19 @@ class BatchOutcome:
     skipped: list[Write] = field(default_factory=list)
     older: list[Write] = field(default_factory=list)
     failed: list[tuple[Write, SinkError, int]] = field(default_factory=list)  # write, error, attempts
+    # Not written because the sink is down, for a caller that spills rather than waits (`spill_when_down`).
+    unwritten: list[Write] = field(default_factory=list)
 
     def merge(self, other: BatchOutcome) -> None:
         self.applied += other.applied
         self.skipped += other.skipped
         self.older += other.older
         self.failed += other.failed
+        self.unwritten += other.unwritten
 
     def in_order_of(self, writes: Sequence[Write]) -> None:
         position = {id(w): i for i, w in enumerate(writes)}
-        for writes_of in (self.applied, self.skipped, self.older):
+        for writes_of in (self.applied, self.skipped, self.older, self.unwritten):
             writes_of.sort(key=lambda w: position[id(w)])
         self.failed.sort(key=lambda f: position[id(f[0])])
 
@@ -68,6 +71,7 @@ class BatchCall:
     handed_over: set[int] = field(default_factory=set)  # id() of the writes before_write received
     planned: set[int] = field(default_factory=set)  # id() of the writes the last plan was to write
     lone_since: float | None = None  # when a batch of one entity was first seen failing alone
+    spill_when_down: bool = False  # an outage returns the batch's rest unwritten instead of retrying
 
     def failing_alone_for(self, now: float) -> float:
         """Seconds since the batch (of one entity) was first seen failing alone while the sink's

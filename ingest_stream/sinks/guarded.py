@@ -86,8 +86,8 @@ class GuardedSink:
         self.last_error_at: float | None = None  # time.time()
         self.last_success_at: float | None = None  # time.time(): tells an idle sink from a dead one
 
-    async def apply(self, writes: Sequence[Write], *,
-                    before_write: OlderHandler | None = None) -> BatchOutcome:
+    async def apply(self, writes: Sequence[Write], *, before_write: OlderHandler | None = None,
+                    spill_when_down: bool = False) -> BatchOutcome:
         """Apply a batch; the outcome accounts for each write once. `before_write` receives the
         writes found older than what the sink holds, each once, and is awaited before anything
         of the batch is written — of their entity at least, when a split writes the batch in
@@ -96,9 +96,14 @@ class GuardedSink:
         lands, or a crash in between loses it (after a restart the older one looks like replayed
         history). So it is called, not returned: between an attempt's read of the revisions and
         its write, on every attempt (a retry may find more). What the call learns about its batch
-        stays in its `BatchCall`, not on the sink."""
+        stays in its `BatchCall`, not on the sink.
+
+        `spill_when_down` (the in-process lane, stream/lanes.py): a retryable failure is not waited
+        out; what is left comes back `unwritten`, to be spilled to the sink topic, whose agent
+        retries it under the failure policy. Writes already handed to `before_write` are reported
+        `older` (their letters are out), never `unwritten`."""
         try:
-            outcome = await self._apply(writes, BatchCall(before_write))
+            outcome = await self._apply(writes, BatchCall(before_write, spill_when_down=spill_when_down))
             outcome.in_order_of(writes)  # a split writes parts in any order: report in batch order
             return outcome
         finally:
@@ -134,6 +139,10 @@ class GuardedSink:
                     done.merge(split.outcome)
                     pending, error, attempt = split.rest, split.error, split.attempt
             if not pending:
+                return done
+            if call.spill_when_down and error.retryable:
+                done.older += [w for w in pending if id(w) in call.handed_over]
+                done.unwritten += [w for w in pending if id(w) not in call.handed_over]
                 return done
             self.count_retry(error.reason)
             if self.gives_up_at(attempt):

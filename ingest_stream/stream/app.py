@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from ingest_stream.core.dlq import RECORD_OVERHEAD_BYTES
 from ingest_stream.core.schemas import RecordValidator
 from ingest_stream.core.stall import StallDetector
 from ingest_stream.metrics import LAG_BUCKETS_S, Metrics
+from ingest_stream.ops.lag import PartitionLag
 from ingest_stream.sinks.guarded import GuardedSink
 from ingest_stream.sinks.registry import build_sink
 from ingest_stream.stream.admin import AUDIT_FILE as ADMIN_AUDIT_FILE
@@ -29,7 +31,8 @@ from ingest_stream.stream.admin import AuditTrail, install_admin_routes
 from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.consumer_batches import BatchStream, IngestApp
 from ingest_stream.stream.dlq import DeadLetters
-from ingest_stream.stream.faust_internals import track_produced_topics
+from ingest_stream.stream.faust_internals import aiokafka_producer, track_produced_topics
+from ingest_stream.stream.lanes import SinkLane
 from ingest_stream.stream.sink_agent import SinkProcessor
 from ingest_stream.stream.source_agent import SourceProcessor
 from ingest_stream.stream.sources import install_file_sources
@@ -47,6 +50,9 @@ from ingest_stream.stream.watchdog import install_watchdog
 from ingest_stream.stream.webhook import install_webhook
 
 log = logging.getLogger(__name__)
+# Source batches whose sink writes may run while the agent handles the next ones (bounded memory:
+# this many batches per source agent, each at most INGEST_SOURCE_BATCH_SIZE records).
+IN_FLIGHT_BATCHES = 4
 # Handles a batch; may return what is left before the batch may be acked (waiting on the broker),
 # which the agent overlaps with the next batch.
 BatchHandler = Callable[[list[EventT[Any]]], Awaitable[Awaitable[None] | None]]
@@ -65,6 +71,7 @@ class Pipeline:
     audit: IngestAudit
     tables: dict[str, SourceTables]
     admin_actions: AuditTrail
+    lanes: dict[str, SinkLane]
     consuming: bool = False  # partitions assigned at least once: the worker has joined its group
 
 
@@ -123,11 +130,19 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     }
     backpressure = BackpressureController(app, settings, metrics)
     stalls = StallDetector(settings.stall_timeout_s)
+    acked: dict[Any, int] = {}  # TP -> one past the highest offset an agent acked (watchdog, lanes)
+    sink_processors = {
+        name: SinkProcessor(guarded, validator=validator, dead_letters=dead_letters, metrics=metrics,
+                            audit=audit, gate=backpressure, source_topics=source_topics)
+        for name, guarded in sinks.items()}
+    lanes = {name: SinkLane(processor, topic=topics.sinks[name].get_topic_name(), policy=settings.lanes,
+                            metrics=metrics, producer=lambda: aiokafka_producer(app), acked=acked,
+                            batch_size=settings.sink.batch_size)
+             for name, processor in sink_processors.items()}
     pipeline = Pipeline(settings, metrics, topics, sinks, stalls, backpressure, audit, tables,
-                        AuditTrail(settings.data_dir / ADMIN_AUDIT_FILE))
+                        AuditTrail(settings.data_dir / ADMIN_AUDIT_FILE), lanes)
     app.pipeline = pipeline  # type: ignore[attr-defined]
 
-    acked: dict[Any, int] = {}  # TP -> one past the highest offset an agent acked (for the watchdog)
     # Every topic this worker writes to: sink topics, the DLQ, table changelogs, and the source
     # topics its adapters write (the webhook, S3, SFTP): a webhook request hung here, once, on a
     # source topic the producer's metadata had dropped (faust_internals.track_produced_topics).
@@ -138,16 +153,13 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     for source in SOURCES:
         processor = SourceProcessor(
             source, app=app, settings=settings, validator=validator, tables=tables[source],
-            sink_topics=list(topics.sinks.values()), source_topics=source_topics,
+            lanes=list(lanes.values()), source_topics=source_topics,
             dead_letters=dead_letters, metrics=metrics, audit=audit, gate=backpressure)
         _agent(app, f"process-{source}", topics.sources[source], processor.process,
                settings.source_batch_size, settings.batch_within_s, produced, acked)
         _eviction_timer(app, settings, source, tables[source].dedupe, metrics)
 
-    for name, guarded in sinks.items():
-        sink_processor = SinkProcessor(guarded, validator=validator, dead_letters=dead_letters,
-                                       metrics=metrics, audit=audit, gate=backpressure,
-                                       source_topics=source_topics)
+    for name, sink_processor in sink_processors.items():
         _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.process,
                settings.sink.batch_size, settings.batch_within_s, produced, acked)
 
@@ -156,7 +168,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         consumed={t.get_topic_name() for t in (*topics.sources.values(), *topics.sinks.values())},
         sinks_by_topic={topics.sinks[name].get_topic_name(): sink for name, sink in sinks.items()},
         detector=pipeline.stalls, held=backpressure.held_topics, known_ends=backpressure.known_ends)
-    _backpressure_timer(app, settings, backpressure)
+    _backpressure_timer(app, settings, backpressure, lanes)
     install_views(app, pipeline)
     install_admin_routes(app, settings, backpressure, pipeline.admin_actions)
     install_webhook(app, settings, topics.sources["webhook"], backpressure, metrics)
@@ -169,36 +181,40 @@ def _agent(app: faust.App, name: str, topic: faust.TopicT, handle: BatchHandler,
     """An agent that takes batches without acking and acks a batch only once everything it caused
     is durable, so its offsets may be committed.
 
-    What `handle` leaves to wait for (the broker's acknowledgements) runs while the next batch is
-    handled: one batch in flight, settled and acked in order, and always before the agent waits for
-    records (so an idle agent or a rebalance waiting for acks never waits on it)."""
+    What `handle` leaves to wait for (the broker's acknowledgements, the sinks' lanes) runs while
+    the next batches are handled: up to `IN_FLIGHT_BATCHES`, settled and acked in order, and all
+    of them before the agent waits for records (so an idle agent or a rebalance waiting for acks
+    never waits on it)."""
     async def agent(stream: faust.StreamT[Any]) -> None:
         await track_produced_topics(app, produced)
-        in_flight: tuple[asyncio.Future[None], list[EventT[Any]]] | None = None
+        in_flight: deque[tuple[asyncio.Future[None], list[EventT[Any]]]] = deque()
 
         def ack(events: list[EventT[Any]]) -> None:
             for tp, offset in stream.ack_batch(events).items():  # type: ignore[attr-defined]
                 acked[tp] = max(acked.get(tp, 0), offset)
 
-        async def settle() -> None:
-            nonlocal in_flight
-            if in_flight is not None:
-                rest, events = in_flight
-                in_flight = None
+        async def settle(keep: int = 0) -> None:
+            while len(in_flight) > keep:
+                rest, events = in_flight[0]
                 await rest  # raises if the broker refused: the agent crashes, nothing is acked
+                in_flight.popleft()
                 ack(events)
 
         async for events in stream.unacked_batches(  # type: ignore[attr-defined]
                 batch, within_s, before_waiting=settle):
             rest = await handle(events)
-            await settle()  # the previous batch first: acks stay in order
-            if rest is None:
+            if rest is None and not in_flight:
                 ack(events)
-            else:
-                in_flight = (asyncio.ensure_future(rest), events)
+                continue
+            in_flight.append((asyncio.ensure_future(rest or _nothing()), events))
+            await settle(keep=IN_FLIGHT_BATCHES - 1)  # the oldest first: acks stay in order
 
     agent.__name__ = name.replace("-", "_")
     app.agent(topic, name=name)(agent)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _eviction_timer(
@@ -217,12 +233,37 @@ def _eviction_timer(
     app.timer(settings.dedupe_evict_interval_s)(evict)
 
 
-def _backpressure_timer(app: faust.App, settings: Settings, controller: BackpressureController) -> None:
+def _backpressure_timer(app: faust.App, settings: Settings, controller: BackpressureController,
+                        lanes: dict[str, SinkLane]) -> None:
+    by_topic = {lane.topic: lane for lane in lanes.values()}
+
+    def tell_lanes(lags: list[PartitionLag]) -> None:
+        """How far each sink topic is written (committed) and where it ends, for the lanes."""
+        for topic, lane in by_topic.items():
+            mine = [lag for lag in lags if lag.topic == topic]
+            lane.measured({lag.partition: lag.end for lag in mine},
+                          {lag.partition: lag.committed for lag in mine if lag.committed is not None})
+
     async def measure_lag_and_apply_backpressure() -> None:
         try:
             await controller.tick()
         except Exception:  # a failed measurement must not end the timer; the next one may work
             log.warning("lag measurement failed; backpressure state kept", exc_info=True)
+        else:
+            tell_lanes(controller.lags)
+
+    async def measure_for_lanes() -> None:
+        """After a rebalance a lane spills until it knows what its topic holds: measure it now,
+        not at the next tick (retried: a lane that never learns it never writes in process)."""
+        for attempt in range(1, 61):
+            try:
+                tell_lanes(await controller.measure())
+                return
+            except Exception:
+                log.warning("lag measurement for the sink lanes failed (attempt %d)", attempt, exc_info=True)
+                await asyncio.sleep(1.0)
+
+    measuring: set[asyncio.Future[None]] = set()
 
     app.timer(settings.backpressure.lag_check_interval_s)(measure_lag_and_apply_backpressure)
 
@@ -233,7 +274,15 @@ def _backpressure_timer(app: faust.App, settings: Settings, controller: Backpres
         log.info("partitions owned after the rebalance (%d): %s", len(owned), " ".join(owned) or "none")
         controller.guard_resumes()
         controller.apply_soon()  # the consumer thread is inside this rebalance: queue behind it
+        assigned = app.assignor.assigned_actives()
+        for topic, lane in by_topic.items():
+            lane.assign(sorted(tp.partition for tp in assigned if tp.topic == topic))
+        task = asyncio.ensure_future(measure_for_lanes())
+        measuring.add(task)
+        task.add_done_callback(measuring.discard)
 
     @app.on_before_shutdown.connect
     async def stop_lag_probe(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         await controller.stop()
+        for lane in lanes.values():
+            await lane.stop()

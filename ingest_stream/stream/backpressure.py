@@ -54,6 +54,7 @@ class BackpressureController:
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._probe: LagProbe | None = None
+        self._measuring = asyncio.Lock()
         self._paused_by_us: set[Any] = set()
         self._pending: set[asyncio.Future[None]] = set()
         self._client_held: set[str] | None = None  # what the Kafka client was last told to hold
@@ -61,20 +62,28 @@ class BackpressureController:
 
     # --- the timer ------------------------------------------------------------------------------
     async def tick(self) -> None:
-        if self._probe is None:
-            self._probe = LagProbe(self._settings.kafka_bootstrap, self._settings.app_id)
-            await self._probe.start()
-        self.lags = await self._probe.measure([*self.source_topics, *self.sink_topics])
-        self.measured_at = time.time()
-        for lag in self.lags:
-            self._metrics.consumer_lag_records.labels(lag.topic, str(lag.partition)).set(lag.records)
-            self._metrics.consumer_lag_seconds.labels(lag.topic, str(lag.partition)).set(lag.seconds)
+        await self.measure()
         before = self.machine.state
         self.machine.observe(self._clock(), worst_lag(self.lags, exclude=self.disabled_topics()))
         if self.machine.state is not before:
             log.warning("backpressure %s -> %s: %s", before.value, self.machine.state.value,
                         self.machine.reason)
         await self.apply()
+
+    async def measure(self) -> list[PartitionLag]:
+        """The consumer group's lag on every topic it consumes, now, into `lags` and the gauges
+        (the timer's, and the lanes' after a rebalance). Always the same topics: the probe's
+        consumer keeps metadata only for the topics it was last assigned."""
+        async with self._measuring:  # one probe consumer: its seeks and reads must not interleave
+            if self._probe is None:
+                self._probe = LagProbe(self._settings.kafka_bootstrap, self._settings.app_id)
+                await self._probe.start()
+            self.lags = await self._probe.measure([*self.source_topics, *self.sink_topics])
+        self.measured_at = time.time()
+        for lag in self.lags:
+            self._metrics.consumer_lag_records.labels(lag.topic, str(lag.partition)).set(lag.records)
+            self._metrics.consumer_lag_seconds.labels(lag.topic, str(lag.partition)).set(lag.seconds)
+        return self.lags
 
     def known_ends(self) -> dict[tuple[str, int], int]:
         """End offsets as the last lag measurement saw them (records read past the high watermark

@@ -22,13 +22,14 @@ from faust.types import EventT
 from ingest_stream.config import SOURCES
 from ingest_stream.core.admission import CANARY
 from ingest_stream.core.audit import IngestAudit
-from ingest_stream.core.dlq import REPLAY_HEADER, header_value, read_origin, reprocessed
+from ingest_stream.core.dlq import REPLAY_HEADER, Headers, header_value, read_origin, reprocessed
 from ingest_stream.core.guard import broken, looks_broken
 from ingest_stream.core.reasons import Reason, Stage
+from ingest_stream.core.record import Record
 from ingest_stream.core.schemas import Accepted, RecordValidator, Rejected
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
-from ingest_stream.sinks.base import Write
+from ingest_stream.sinks.base import BatchOutcome, Write
 from ingest_stream.sinks.guarded import GuardedSink
 from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.dlq import DeadLetters, headers_of
@@ -51,11 +52,10 @@ class SinkProcessor:
         self._lag_by_source: dict[str, Any] = {}  # lag histogram child per source (labels() costs)
 
     async def process(self, events: Sequence[EventT[Any]]) -> None:
+        """A batch of the sink topic (spilled or redriven records): checked again, then written."""
         await self._gate.pace(len(events), source=False)
         started = time.monotonic()
-        deliveries: list[Awaitable[object]] = []
-        writes: list[Write] = []
-        event_of: dict[int, EventT[Any]] = {}
+        items: list[tuple[Write, EventT[Any]]] = []
         rejected: list[tuple[EventT[Any], Rejected | Exception]] = []  # published after the batch check
         for event in events:
             try:
@@ -66,8 +66,24 @@ class SinkProcessor:
             if isinstance(write, Rejected):  # not written by us: a foreign producer
                 rejected.append((event, write))
                 continue
-            writes.append(write)
-            event_of[id(write)] = event
+            items.append((write, event))
+        await self._write(items, rejected, count=len(events), started=started)
+
+    async def write_direct(self, items: Sequence[tuple[Write, EventT[Any]]]) -> list[Write]:
+        """Records the processing agent validated, handed over in process (stream/lanes.py), each
+        with the source event its dead letter is taken from. Returns what an outage left unwritten,
+        for the lane to spill: the sink topic's agent waits outages out, not the processing agent."""
+        await self._gate.pace(len(items), source=False)
+        outcome = await self._write(items, [], count=len(items), started=time.monotonic(),
+                                    spill_when_down=True)
+        return outcome.unwritten
+
+    async def _write(self, items: Sequence[tuple[Write, EventT[Any]]],
+                     rejected: list[tuple[EventT[Any], Rejected | Exception]], *, count: int,
+                     started: float, spill_when_down: bool = False) -> BatchOutcome:
+        deliveries: list[Awaitable[object]] = []
+        writes = [write for write, _ in items]
+        event_of = {id(write): event for write, event in items}
 
         older_lettered: list[Write] = []
 
@@ -85,16 +101,17 @@ class SinkProcessor:
             await asyncio.gather(*pending)
 
         async with self._gate.sink_slots:  # bounded sink concurrency across the sink agents
-            outcome = await self.sink.apply(writes, before_write=dead_letter_older)
+            outcome = await self.sink.apply(writes, before_write=dead_letter_older,
+                                            spill_when_down=spill_when_down)
 
         unexpected = sum(isinstance(r, Exception) or r.unexpected is not None for _, r in rejected)
         at_the_sink = sum(error.unexpected is not None for _, error, _ in outcome.failed)
-        if looks_broken(unexpected + at_the_sink, len(events)) and (
+        if looks_broken(unexpected + at_the_sink, count) and (
                 at_the_sink or not isinstance(self._validator.check(CANARY), Accepted)):
             # Validated records that all fail in the driver, each with an exception no rule knows:
             # a driver or server change, not the records (no probe can tell otherwise: it does
             # not take the path that failed). Before the sink, the validator's canary decides.
-            raise broken(f"sink-{self.sink.name}", len(events))
+            raise broken(f"sink-{self.sink.name}", count)
         for event, rejection in rejected:
             deliveries.append(await (self._dead_letters.unexpected(event, rejection, stage=self.stage)
                                      if isinstance(rejection, Exception)
@@ -120,13 +137,14 @@ class SinkProcessor:
         refused += [(_identity(w), True) for w in [*(w for w, _, _ in outcome.failed), *older_lettered]]
         self._audit_batch(lags_of_tenant, refused, now_s=now_ms / 1000)
         records = self._metrics.sink_records
-        for decision, items in (("applied", outcome.applied), ("skipped", outcome.skipped),
-                                ("older", outcome.older), ("failed", outcome.failed)):
-            if items:
-                records.labels(self.sink.name, decision).inc(len(items))
+        for decision, n in (("applied", len(outcome.applied)), ("skipped", len(outcome.skipped)),
+                            ("older", len(outcome.older)), ("failed", len(outcome.failed))):
+            if n:
+                records.labels(self.sink.name, decision).inc(n)
         self._metrics.sink_batch.labels(self.sink.name).observe(time.monotonic() - started)
         if outcome.applied:
             self._metrics.last_sink_commit.labels(self.sink.name).set(time.time())
+        return outcome
 
 
     def _audit_batch(self, lags_of_tenant: dict[str, list[float]],
@@ -146,12 +164,17 @@ class SinkProcessor:
         verdict = self._validator.check(event.message.value or b"")
         if isinstance(verdict, Rejected):
             return verdict
-        headers = headers_of(event)
-        origin = read_origin(headers, topics=self._source_topics)
-        return Write(verdict.record, may_rewrite_equal=reprocessed(headers),
-                     origin_tp=f"{origin.topic}:{origin.partition}" if origin else None,
-                     origin_offset=origin.offset if origin else None,
-                     replayed=header_value(headers, REPLAY_HEADER) is not None)
+        return write_for(verdict.record, headers_of(event), source_topics=self._source_topics)
+
+
+def write_for(record: Record, headers: Headers, *, source_topics: Collection[str]) -> Write:
+    """The write of a validated record, its origin and redrive/replay flags read from the headers
+    the processing agent forwards it with (the same in process and through the sink topic)."""
+    origin = read_origin(headers, topics=source_topics)
+    return Write(record, may_rewrite_equal=reprocessed(headers),
+                 origin_tp=f"{origin.topic}:{origin.partition}" if origin else None,
+                 origin_offset=origin.offset if origin else None,
+                 replayed=header_value(headers, REPLAY_HEADER) is not None)
 
 
 def _identity(write: Write) -> dict[str, str]:

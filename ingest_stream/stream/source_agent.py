@@ -1,12 +1,13 @@
-"""The processing agent of one source topic: validate/upcast → dedupe → fan out to the sink topics.
+"""The processing agent of one source topic: validate/upcast → dedupe → fan out to the sinks' lanes.
 
 No record's content can stop it: the per-record work (headers, decode, validate, upcast, encode,
 size) runs under one guard (`_accept`), and whatever it raises becomes that record's dead letter.
 Only the broker (sends, table reads) may stop it.
 
-Delivery: a batch's events are acked (so their offsets become committable) only after every
-forward and DLQ record they caused has been acknowledged by the broker, and their dedupe keys and
-checkpoints are in the table's changelog (written per batch: `BatchedTableWrites`).
+Delivery: a batch's events are acked (so their offsets become committable) only after every sink's
+lane has written its part or spilled it to the sink topic (stream/lanes.py), every DLQ record they
+caused has been acknowledged by the broker, and their dedupe keys and checkpoints are in the
+table's changelog (written per batch: `BatchedTableWrites`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from ingest_stream.metrics import Metrics
 from ingest_stream.stream import faust_internals
 from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.dlq import DeadLetters, headers_of, position_of
+from ingest_stream.stream.lanes import LaneRecord, SinkLane
 from ingest_stream.stream.producer_batches import RecordBatches, SentBatch
+from ingest_stream.stream.sink_agent import write_for
 from ingest_stream.stream.tables import BatchedTableWrites, SourceTables, make_current
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,7 @@ class SourceProcessor:
         settings: Settings,
         validator: RecordValidator,
         tables: SourceTables,
-        sink_topics: Sequence[faust.TopicT],
+        lanes: Sequence[SinkLane],
         source_topics: Collection[str],
         dead_letters: DeadLetters,
         metrics: Metrics,
@@ -62,10 +65,7 @@ class SourceProcessor:
         self._app = app
         self._validator = validator
         self._tables = tables
-        # Names, not Topic objects: the fan-out goes to the producer in record batches (Faust's
-        # Topic.send wraps each record in a FutureMessage and a PendingMessage, then aiokafka a
-        # future per record); these topics are declared by their sink agents and carry bytes.
-        self._sink_topic_names = [topic.get_topic_name() for topic in sink_topics]
+        self._lanes = lanes
         self._source_topics = source_topics
         self._dead_letters = dead_letters
         self._ttl_ms = settings.dedupe_ttl_s * 1000
@@ -88,6 +88,7 @@ class SourceProcessor:
         checkpoint_writes = BatchedTableWrites(self._tables.checkpoints)
         counted: Counter[tuple[str | None, str]] = Counter()  # (tenant, outcome): counted once per batch
         rejected: list[tuple[EventT[Any], Rejected | Exception]] = []  # published after the batch check
+        forwarded: list[LaneRecord] = []
         for event in events:
             try:
                 accepted = self._accept(event)
@@ -105,9 +106,9 @@ class SourceProcessor:
                     event, dedupe.dedupe_key(accepted.encoded), seen_keys, now_ms):
                 counted[record["tenant"], "duplicate"] += 1
                 continue
-            key = entity_key(record["tenant"], record["id"]).encode()
-            for topic_name in self._sink_topic_names:
-                await batches.add(topic_name, key, accepted.encoded, accepted.headers)
+            forwarded.append(LaneRecord(
+                write_for(record, accepted.headers, source_topics=self._source_topics), event,
+                entity_key(record["tenant"], record["id"]).encode(), accepted.encoded, accepted.headers))
             counted[record["tenant"], "forwarded"] += 1
             checkpoint = checkpoint_key(record["tenant"], self.source, event.message.partition)
             previous = checkpoints.get(checkpoint)
@@ -127,6 +128,7 @@ class SourceProcessor:
         await seen_keys.add_to(batches)
         await checkpoint_writes.add_to(batches)
         sent = await batches.send()
+        deliveries += [lane.submit(forwarded) for lane in self._lanes]
         return self._settle(deliveries, sent, seen_keys, checkpoint_writes)
 
     def _accept(self, event: EventT[Any]) -> Forward | Rejected:
@@ -137,8 +139,9 @@ class SourceProcessor:
     @staticmethod
     async def _settle(deliveries: list[Awaitable[object]], sent: list[SentBatch],
                       *table_writes: BatchedTableWrites) -> None:
-        """Raises if the broker refused any record the batch caused; only after it returns may the
-        batch be acked. The agent overlaps it with the next batch's processing."""
+        """Raises if the broker refused any record the batch caused, or a lane could neither
+        write nor spill its part; only after it returns may the batch be acked. The agent overlaps
+        it with the next batches' processing."""
         await asyncio.gather(*deliveries, *(batch.delivery for batch in sent))
         for writes in table_writes:
             await writes.persist_offsets(sent)

@@ -204,7 +204,8 @@ def not_ready(app: faust.App, pipeline: Pipeline) -> list[str]:
 def detailed_health(pipeline: Pipeline) -> dict[str, Any]:
     """What an operator needs at a glance: each sink's circuit and last error, partitions waiting
     without progress (the watchdog restarts the worker at `stall_timeout_s`), dead letters."""
-    sinks = {name: sink.health() for name, sink in pipeline.sinks.items()}
+    sinks = {name: {**sink.health(), "lane": pipeline.lanes[name].status()}
+             for name, sink in pipeline.sinks.items()}
     timeout_s = pipeline.settings.stall_timeout_s
     waiting = {key: round(seconds, 1) for key, seconds in pipeline.stalls.waiting.items()}
     dlq: dict[str, float] = {}

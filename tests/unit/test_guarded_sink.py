@@ -549,3 +549,49 @@ async def test_a_lone_record_under_dlq_is_dead_lettered_after_one_round():
     sink.bad = {"t:a": Reason.CONNECTION_ERROR}
     outcome = await guarded(sink, time, policy="dlq").apply(writes(("a", 1)))
     assert failures(outcome) == [("t:a", Reason.CONNECTION_ERROR)] and sink.probes == 1
+
+
+# --- the in-process lane: an outage is spilled, not waited out (stream/lanes.py) -----------------
+
+@pytest.mark.parametrize("policy", ["hold", "dlq"])
+async def test_spill_when_down_returns_the_batch_unwritten_without_waiting(policy):
+    sink, time = MemorySink(), FakeTime()
+    sink.down = 1
+    outcome = await guarded(sink, time, policy=policy).apply(writes(("a", 1), ("b", 1)), spill_when_down=True)
+    assert [w.key for w in outcome.unwritten] == ["t:a", "t:b"]
+    assert (outcome.applied, outcome.failed, time.slept) == ([], [], [])  # no retry, no dead letter
+    assert sink.held == {}
+
+
+async def test_spill_when_down_reports_writes_already_dead_lettered_as_older_not_unwritten():
+    sink, time = MemorySink(), FakeTime()
+    sink.held["t:a"] = Version(5)
+    sink.writes_down = 1  # the revisions are read (3 is older: handed over), then the write fails
+    handed: list[int] = []
+
+    async def before_write(older):
+        handed.extend(w.revision for w in older)
+
+    outcome = await guarded(sink, time).apply(writes(("a", 3), ("b", 1)), before_write=before_write,
+                                              spill_when_down=True)
+    assert handed == [3]
+    assert [w.revision for w in outcome.older] == [3]  # its letter is out: never spilled again
+    assert [w.key for w in outcome.unwritten] == ["t:b"]
+
+
+async def test_spill_when_down_still_isolates_a_record_the_sink_refuses():
+    sink, time = MemorySink(), FakeTime()
+    sink.refuse = {"t:b"}
+    outcome = await guarded(sink, time).apply(writes(("a", 1), ("b", 1), ("c", 1)), spill_when_down=True)
+    assert sorted(w.key for w in outcome.applied) == ["t:a", "t:c"]
+    assert [(w.key, e.reason) for w, e, _ in outcome.failed] == [("t:b", Reason.CONSTRAINT_VIOLATION)]
+    assert outcome.unwritten == []
+
+
+async def test_spill_when_down_meets_an_open_circuit_without_calling_the_sink():
+    sink, time = MemorySink(), FakeTime()
+    guard = guarded(sink, time)
+    for _ in range(3):
+        guard.breaker.record_failure(time.clock())
+    outcome = await guard.apply(writes(("a", 1)), spill_when_down=True)
+    assert [w.key for w in outcome.unwritten] == ["t:a"] and sink.calls == 0

@@ -1,0 +1,115 @@
+"""A sink's lane: whether the processing agent hands it records in process or spills them to its topic.
+
+The fan-out is in process (`DIRECT`) while the sink keeps up. A sink that fails, or whose lane keeps
+a batch waiting past `max_wait_s`, **spills**: its records go to `ingest.sink.<name>`, which its
+agent drains (`SPILLING`). Per-entity order is kept by one rule: nothing is written in process
+while records of this worker's partitions wait in the sink topic. So a recovered lane first stops
+spilling and holds new batches (`SWITCHING`) until its agent has written everything up to what
+was spilled (`need`), and only then writes in process again. After a rebalance a lane starts by
+draining: what the topic holds for newly assigned partitions is not known until measured.
+
+Pure: the wiring (stream/lanes.py) feeds it the sink's health, the wait of its oldest batch, the
+offsets spilled, and how far the sink agent has got (`done`, per sink-topic partition).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class LaneMode(IntEnum):
+    """Values are what `ingest_sink_lane_state` exports."""
+
+    DIRECT = 0  # written in process
+    SPILLING = 1  # produced to the sink topic, written by the sink agent
+    SWITCHING = 2  # recovered: new batches wait until the sink topic is drained
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class LanePolicy:
+    max_wait_s: float = 2.0  # a batch waiting this long for its in-process write: spill instead
+    switch_backlog: int = 2000  # records left in the sink topic at which a recovered lane switches
+
+    def __post_init__(self) -> None:
+        if self.max_wait_s <= 0 or self.switch_backlog < 0:
+            raise ValueError("max_wait_s must be positive and switch_backlog not negative")
+
+
+class Lane:
+    def __init__(self, policy: LanePolicy, *, now: float) -> None:
+        self.policy = policy
+        self.mode = LaneMode.SPILLING  # a lane starts by draining its topic
+        self.reason = "started"
+        self.since = now
+        self.owned: set[int] = set()  # sink-topic partitions this worker writes (its source partitions)
+        self.need: dict[int, int] = {}  # partition -> offset the sink agent must pass first
+        self.unknown: set[int] = set()  # assigned, what the topic holds there not yet measured
+        self.assigned = False  # before the first assignment nothing is known
+
+    def assign(self, partitions: Collection[int], *, now: float) -> None:
+        """A rebalance: partitions new to this worker may hold spilled records of another worker
+        (or of this one before a crash); until measured, the lane spills."""
+        new = set(partitions) - self.owned
+        self.owned = set(partitions)
+        self.assigned = True
+        self.need = {p: n for p, n in self.need.items() if p in self.owned}
+        self.unknown &= self.owned
+        if new:
+            self.unknown |= new
+            self._move(LaneMode.SPILLING, "partitions assigned: draining the sink topic first", now)
+
+    def measured(self, ends: Mapping[int, int]) -> None:
+        """End offsets of the sink topic's partitions, measured after `assign`."""
+        for partition in list(self.unknown):
+            if partition in ends:
+                self.need[partition] = max(self.need.get(partition, 0), ends[partition])
+                self.unknown.discard(partition)
+
+    def spilled(self, partition: int, next_offset: int) -> None:
+        """The broker acknowledged spilled records up to `next_offset` (exclusive)."""
+        self.need[partition] = max(self.need.get(partition, 0), next_offset)
+
+    def backlog(self, done: Mapping[int, int]) -> int | None:
+        """Records spilled (or found) in the sink topic that its agent has not written yet; None
+        while that is unknown."""
+        if self.unknown or not self.assigned:
+            return None
+        return sum(max(0, need - done.get(p, 0)) for p, need in self.need.items())
+
+    def failed(self, error: str, *, now: float) -> None:
+        """An in-process write met an outage: what it did not write spills, and so does what follows."""
+        self._move(LaneMode.SPILLING, f"sink failed: {error}", now)
+
+    def decide(self, *, sink_ok: bool, head_wait_s: float, done: Mapping[int, int], now: float) -> LaneMode:
+        """The mode for the lane's oldest batch (`head_wait_s`: how long it has waited, 0 if none)."""
+        mode = self.mode
+        if mode is LaneMode.DIRECT:
+            if not sink_ok:
+                self._move(LaneMode.SPILLING, "sink not answering (circuit or retries)", now)
+            elif head_wait_s > self.policy.max_wait_s:
+                self._move(LaneMode.SPILLING, f"a batch waited {head_wait_s:.1f}s for the sink", now)
+            return self.mode
+        backlog = self.backlog(done)
+        if mode is LaneMode.SPILLING:
+            if sink_ok and backlog is not None and backlog <= self.policy.switch_backlog:
+                self._move(LaneMode.SWITCHING, f"sink answers, {backlog} record(s) left in its topic", now)
+            else:
+                return self.mode
+        if backlog == 0:
+            self._move(LaneMode.DIRECT, "sink topic drained", now)
+        elif not sink_ok:
+            self._move(LaneMode.SPILLING, "sink not answering while switching back", now)
+        elif head_wait_s > self.policy.max_wait_s:
+            self._move(LaneMode.SPILLING, f"switching back took over {self.policy.max_wait_s:g}s", now)
+        return self.mode
+
+    def _move(self, mode: LaneMode, reason: str, now: float) -> None:
+        if mode is not self.mode:
+            self.mode, self.since = mode, now
+        self.reason = reason

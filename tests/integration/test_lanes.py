@@ -1,0 +1,135 @@
+"""Issue 20: the in-process fan-out's spill lanes under failure.
+
+A sink that is down spills to its topic while the others are written in process; a worker killed
+(-9) while a lane spills, or while it switches back, and a rebalance while a lane spills, lose
+nothing, dead-letter nothing and never write an older revision over a newer one (the audit trigger
+of `assert_converged`).
+"""
+
+from __future__ import annotations
+
+from ingest_stream.ops.devstack import DevStack
+from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_equal, eventually
+from tests.integration.pipeline_helpers import assert_converged, consumed_topics, source_topics
+from tests.integration.test_chaos import FAST_RECOVERY, bulk, sink_states
+
+SPILLING, DIRECT = 1, 0
+LANES = {**FAST_RECOVERY, "INGEST_SINK_FAILURE_POLICY": "hold", "INGEST_SINK_LANE_MAX_WAIT_S": "1"}
+
+
+def lane(worker: WorkerProcess, sink: str) -> float:
+    return worker.metric("ingest_sink_lane_state", sink=sink)
+
+
+def spilled(worker: WorkerProcess, sink: str) -> float:
+    return worker.metric("ingest_sink_spilled_records_total", sink=sink)
+
+
+def _assert_lane(worker: WorkerProcess, sink: str, mode: int) -> None:
+    assert lane(worker, sink) == mode
+
+
+def _assert_spilled(worker: WorkerProcess, sink: str, at_least: int) -> None:
+    assert spilled(worker, sink) >= at_least
+
+
+def test_a_down_sink_spills_while_the_others_go_on_and_a_kill_while_spilling_loses_nothing(
+        stack: DevStack, kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
+    data = bulk(prefix)  # 600 entities, 4 revisions each
+    state = sink_states(sinks, data)
+    source = f"{prefix}.source.kafka"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(**LANES)
+    worker.start()
+    kafka.produce(source, [(m.key, m.value) for m in data.messages[:600]])
+    eventually(lambda: _assert_lane(worker, "typesense", DIRECT), timeout_s=60, context=worker.log_tail)
+
+    with stack.server_down("typesense"):
+        kafka.produce(source, [(m.key, m.value) for m in data.messages[600:1800]])
+        eventually(lambda: _assert_lane(worker, "typesense", SPILLING), timeout_s=60, context=worker.log_tail)
+        eventually(lambda: _assert_spilled(worker, "typesense", 1), timeout_s=60, context=worker.log_tail)
+        # Postgres is written in process all along: its lane never left.
+        assert lane(worker, "postgres") == DIRECT
+        worker.kill()
+        worker.start()
+        kafka.produce(source, [(m.key, m.value) for m in data.messages[1800:]])
+        for other in ("postgres", "neo4j"):  # complete while Typesense is still down
+            eventually(lambda other=other: assert_equal(*state[other]()), timeout_s=120,
+                       context=worker.log_tail)
+        assert lane(worker, "typesense") == SPILLING  # restarted: it drains first, and the sink is down
+
+    assert_converged(kafka, sinks, worker, prefix, data=data, dlq=set(), exits=set(), timeout_s=180,
+                     interval_s=1, committed=consumed_topics(prefix))
+    eventually(lambda: _assert_lane(worker, "typesense", DIRECT), timeout_s=60, context=worker.log_tail)
+
+
+def test_a_kill_while_a_lane_switches_back_loses_nothing(
+        stack: DevStack, kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
+    data = bulk(prefix)
+    source = f"{prefix}.source.kafka"
+    kafka.create_topics(source_topics(prefix))
+    # Switch back only once the topic is nearly drained, so that the switch is a window to hit.
+    worker: WorkerProcess = make_worker(**LANES, INGEST_SINK_LANE_SWITCH_BACKLOG="200")
+    worker.start()
+    kafka.produce(source, [(m.key, m.value) for m in data.messages[:600]])
+    eventually(lambda: _assert_lane(worker, "typesense", DIRECT), timeout_s=60, context=worker.log_tail)
+
+    with stack.server_down("typesense"):
+        kafka.produce(source, [(m.key, m.value) for m in data.messages[600:1800]])
+        eventually(lambda: _assert_spilled(worker, "typesense", 600), timeout_s=60, context=worker.log_tail)
+    kafka.produce(source, [(m.key, m.value) for m in data.messages[1800:]])  # records while it recovers
+    eventually(lambda: _assert_lane_left_spilling(worker), timeout_s=120, interval_s=0.01,
+               context=worker.log_tail)
+    worker.kill()
+    worker.start()
+
+    assert_converged(kafka, sinks, worker, prefix, data=data, dlq=set(), exits=set(), timeout_s=180,
+                     interval_s=1, committed=consumed_topics(prefix))
+    eventually(lambda: _assert_lane(worker, "typesense", DIRECT), timeout_s=60, context=worker.log_tail)
+
+
+def _assert_lane_left_spilling(worker: WorkerProcess) -> None:
+    assert lane(worker, "typesense") != SPILLING
+
+
+def test_a_rebalance_while_a_lane_spills_loses_nothing(
+        stack: DevStack, kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
+    """A second worker joins while the first one's Typesense lane spills, and the first then leaves:
+    partitions move with records spilled to the Typesense topic, which their new owner drains
+    before it writes any of theirs in process.
+
+    Under `hold` Faust's rebalance waits for the in-flight batch of the down sink's agent, so the
+    rebalance begun during the outage completes once Typesense answers again (docs/design.md)."""
+    data = bulk(prefix)
+    source = f"{prefix}.source.kafka"
+    kafka.create_topics(source_topics(prefix))
+    first: WorkerProcess = make_worker(**LANES)
+    first.start()
+    kafka.produce(source, [(m.key, m.value) for m in data.messages[:600]])
+    eventually(lambda: _assert_lane(first, "typesense", DIRECT), timeout_s=60, context=first.log_tail)
+
+    second: WorkerProcess = make_worker(**LANES)
+    with stack.server_down("typesense"):
+        kafka.produce(source, [(m.key, m.value) for m in data.messages[600:1200]])
+        eventually(lambda: _assert_spilled(first, "typesense", 1), timeout_s=60, context=first.log_tail)
+        second.start()  # the rebalance begins while the lane spills
+        eventually(lambda: _assert_joined(second), timeout_s=60, context=second.log_tail)
+    kafka.produce(source, [(m.key, m.value) for m in data.messages[1200:1800]])
+    # Both write Postgres in process once the rebalance is done.
+    eventually(lambda: _assert_at_revision(sinks, data.tenants, 600, 2), timeout_s=120,
+               context=second.log_tail)
+    assert first.stop() == 0  # another rebalance: the second takes every partition and what is left
+    kafka.produce(source, [(m.key, m.value) for m in data.messages[1800:]])
+
+    assert_converged(kafka, sinks, second, prefix, data=data, dlq=set(), exits=set(), timeout_s=240,
+                     interval_s=1, committed=consumed_topics(prefix))
+    eventually(lambda: _assert_lane(second, "typesense", DIRECT), timeout_s=60, context=second.log_tail)
+
+
+def _assert_joined(worker: WorkerProcess) -> None:
+    assert "Joined group" in worker.log_tail(400)
+
+
+def _assert_at_revision(sinks: SinkReader, tenants: tuple[str, ...], entities: int, revision: int) -> None:
+    rows = sinks.postgres(tenants)
+    assert len(rows) == entities and {row["revision"] for row in rows.values()} == {revision}

@@ -1,0 +1,106 @@
+"""The lane rule (core/lanes.py): in process while the sink keeps up, spilled otherwise, and back
+in process only once the sink topic holds nothing of this worker's partitions."""
+
+from __future__ import annotations
+
+import pytest
+
+from ingest_stream.core.lanes import Lane, LaneMode, LanePolicy
+
+POLICY = LanePolicy(max_wait_s=2.0, switch_backlog=100)
+
+
+def direct_lane(partitions: tuple[int, ...] = (0, 1)) -> Lane:
+    lane = Lane(POLICY, now=0.0)
+    lane.assign(partitions, now=0.0)
+    lane.measured({p: 0 for p in partitions})
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=0.0) is LaneMode.DIRECT  # nothing to drain
+    return lane
+
+
+def test_a_lane_spills_until_it_has_been_assigned_and_measured() -> None:
+    lane = Lane(POLICY, now=0.0)
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=1.0) is LaneMode.SPILLING
+    lane.assign([0, 1], now=1.0)
+    assert lane.backlog({}) is None
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=1.0) is LaneMode.SPILLING
+    lane.measured({0: 5})  # partition 1 not measured yet
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 5}, now=1.0) is LaneMode.SPILLING
+    lane.measured({1: 3})
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 5}, now=1.0) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 5, 1: 3}, now=1.0) is LaneMode.DIRECT
+
+
+def test_a_failing_or_slow_sink_spills() -> None:
+    lane = direct_lane()
+    assert lane.decide(sink_ok=False, head_wait_s=0, done={}, now=1.0) is LaneMode.SPILLING
+    lane = direct_lane()
+    assert lane.decide(sink_ok=True, head_wait_s=1.9, done={}, now=1.0) is LaneMode.DIRECT
+    assert lane.decide(sink_ok=True, head_wait_s=2.1, done={}, now=1.0) is LaneMode.SPILLING
+    assert "waited" in lane.reason
+    lane = direct_lane()
+    lane.failed("connection refused", now=3.0)
+    assert (lane.mode, lane.since) == (LaneMode.SPILLING, 3.0)
+
+
+def test_switching_back_waits_for_what_was_spilled_to_be_written() -> None:
+    lane = direct_lane()
+    lane.failed("down", now=1.0)
+    lane.spilled(0, 500)
+    lane.spilled(1, 200)
+    lane.spilled(0, 450)  # an earlier acknowledgement arriving late moves nothing back
+    assert lane.need == {0: 500, 1: 200}
+    # the sink answers, but 700 records are still in its topic: keep spilling
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 0, 1: 0}, now=2.0) is LaneMode.SPILLING
+    # near the end: stop spilling, hold new batches until the sink agent has written the rest
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 450, 1: 200}, now=3.0) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=0.5, done={0: 499, 1: 200}, now=3.1) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=0.6, done={0: 500, 1: 200}, now=3.2) is LaneMode.DIRECT
+
+
+def test_a_switch_that_takes_too_long_or_meets_a_failure_spills_again() -> None:
+    lane = direct_lane()
+    lane.failed("down", now=1.0)
+    lane.spilled(0, 50)
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=2.0) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=2.5, done={0: 10}, now=4.5) is LaneMode.SPILLING
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 10}, now=4.6) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=False, head_wait_s=0, done={0: 10}, now=4.7) is LaneMode.SPILLING
+
+
+def test_a_sink_that_is_not_answering_keeps_its_lane_spilling() -> None:
+    lane = direct_lane()
+    lane.failed("down", now=1.0)
+    assert lane.decide(sink_ok=False, head_wait_s=0, done={}, now=60.0) is LaneMode.SPILLING
+
+
+def test_a_rebalance_drains_new_partitions_first_and_forgets_revoked_ones() -> None:
+    lane = direct_lane((0, 1))
+    lane.failed("down", now=1.0)
+    lane.spilled(1, 40)
+    lane.assign([0], now=2.0)  # partition 1 went to another worker, with its backlog
+    assert lane.need == {0: 0}
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=2.0) is LaneMode.DIRECT
+    lane.assign([0, 2], now=3.0)  # partition 2 came from another worker: what it spilled there first
+    assert (lane.mode, lane.backlog({})) == (LaneMode.SPILLING, None)
+    lane.measured({0: 9, 2: 70})
+    assert lane.need == {0: 0, 2: 70}
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={2: 69}, now=3.0) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={2: 70}, now=3.0) is LaneMode.DIRECT
+
+
+def test_the_same_assignment_again_changes_nothing() -> None:
+    lane = direct_lane((0, 1))
+    lane.assign([1, 0], now=5.0)
+    assert lane.mode is LaneMode.DIRECT
+
+
+@pytest.mark.parametrize("policy", [{"max_wait_s": 0}, {"switch_backlog": -1}])
+def test_a_policy_that_cannot_work_is_refused(policy: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="max_wait_s"):
+        LanePolicy(**policy)  # type: ignore[arg-type]
+
+
+def test_mode_values_are_the_gauge() -> None:
+    assert [int(m) for m in LaneMode] == [0, 1, 2]
+    assert LaneMode.SWITCHING.label == "switching"
