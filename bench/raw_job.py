@@ -19,7 +19,8 @@ Rows and documents have the shape ingest_stream writes (ingest_stream/sinks/post
 typesense.py), into its table and collection, which must exist (the bench opens ingest_stream's
 sinks first: their migrations). Tombstones (`deleted: true`) are out of scope: the bench produces
 none, and one fails the stage. A sink error fails the stage too (no retries). `verify`, called by
-the bench after the stage and not timed, checks each sink holds every entity at its newest revision.
+the bench after the stage and not timed, checks each sink holds every entity at its newest revision
+(`read_back` and `discrepancies`, also used by the outage stage of bench/run.py, read the graph too).
 """
 
 from __future__ import annotations
@@ -255,11 +256,9 @@ def newest_revisions(values: Iterable[bytes]) -> dict[tuple[str, str], int]:
     return newest
 
 
-async def verify(settings: Settings, sinks: list[str], expected: dict[tuple[str, str], int]
-                 ) -> dict[str, int]:
-    """Each sink's entities of `expected`'s tenants, read back; raises unless every one is there at
-    its newest revision and nothing else. Returns the entities found per sink."""
-    tenants = sorted({tenant for tenant, _ in expected})
+async def read_back(settings: Settings, sinks: list[str], tenants: list[str]
+                    ) -> dict[str, dict[tuple[str, str], int]]:
+    """What each of `sinks` holds for `tenants`: the revision of every entity, read back."""
     held: dict[str, dict[tuple[str, str], int]] = {}
     if "postgres" in sinks:
         conn = await asyncpg.connect(settings.postgres.dsn)
@@ -277,17 +276,44 @@ async def verify(settings: Settings, sinks: list[str], expected: dict[tuple[str,
             response.raise_for_status()
         documents = [orjson.loads(line) for line in response.content.splitlines() if line.strip()]
         held["typesense"] = {(d["tenant"], d["record_id"]): d["revision"] for d in documents}
+    if "neo4j" in sinks:
+        # Through ingest_stream's own sink (its driver settings); not closed, as the worker does not
+        # close it on the FalkorDB stand-in (a closed driver leaves that server refusing new ones).
+        from ingest_stream.sinks import neo4j  # its driver only where the graph is read
+
+        graph = neo4j.from_settings(settings)
+        await graph.open()
+        result = await graph.driver.execute_query(
+            "MATCH (n:Record) WHERE n.tenant IN $tenants AND n.revision IS NOT NULL "
+            "RETURN n.tenant AS tenant, n.id AS id, n.revision AS revision", tenants=tenants)
+        held["neo4j"] = {(r["tenant"], r["id"]): r["revision"] for r in result.records}
+    return held
+
+
+def discrepancies(expected: dict[tuple[str, str], int], found: dict[tuple[str, str], int]
+                  ) -> dict[str, int]:
+    """One sink's read-back against `expected`: entities missing, not at their newest revision, and
+    found but not expected."""
+    return {"entities": len(expected), "found": len(found),
+            "missing": len(expected.keys() - found.keys()),
+            "stale": sum(1 for entity, revision in found.items()
+                         if entity in expected and expected[entity] != revision),
+            "extra": len(found.keys() - expected.keys())}
+
+
+async def verify(settings: Settings, sinks: list[str], expected: dict[tuple[str, str], int],
+                 stage: str = "(a'')") -> dict[str, int]:
+    """Each sink's entities of `expected`'s tenants, read back; raises unless every one is there at
+    its newest revision and nothing else. Returns the entities found per sink."""
+    held = await read_back(settings, sinks, sorted({tenant for tenant, _ in expected}))
     problems = []
     for sink, found in held.items():
-        missing = len(expected.keys() - found.keys())
-        stale = sum(1 for entity, revision in found.items()
-                    if entity in expected and expected[entity] != revision)
-        extra = len(found.keys() - expected.keys())
-        if missing or stale or extra:
-            problems.append(f"{sink}: {missing} of {len(expected)} entities missing, {stale} not at their "
-                            f"newest revision, {extra} not in the stage's records")
+        d = discrepancies(expected, found)
+        if d["missing"] or d["stale"] or d["extra"]:
+            problems.append(f"{sink}: {d['missing']} of {len(expected)} entities missing, {d['stale']} not "
+                            f"at their newest revision, {d['extra']} not in the stage's records")
     if problems:
-        raise RuntimeError("stage (a'') did not write every record: " + "; ".join(problems))
+        raise RuntimeError(f"stage {stage} did not write every record: " + "; ".join(problems))
     return {sink: len(found) for sink, found in held.items()}
 
 

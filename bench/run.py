@@ -1,4 +1,5 @@
-"""`python -m bench.run [--records N] [--sinks ...] [--two-workers] [--latency-seconds S] [--soak-seconds S]`.
+"""`python -m bench.run [--records N] [--sinks ...] [--two-workers] [--latency-seconds S] [--soak-seconds S]
+[--outage SINK:SECONDS [--outage-rate R] [--outage-window S]] [--only outage]`.
 
 Stages on one embedded broker, one after another, each on a prefilled topic of N synthetic records
 (~320 bytes, one revision per entity): (a) the raw aiokafka pipeline (bench/raw.py), (a') the same
@@ -11,6 +12,20 @@ dedupe → sink topics → sinks committed), optionally (c2) the same with two w
 Timing starts when a stage is consuming (Faust: "Worker ready") and ends when its consumer group
 has committed every record. Then a paced run at 80 % of (c)'s rate measures source-to-sink latency,
 and optionally a soak at 50 % samples the worker's memory. Writes bench/results/<timestamp>.json.
+
+`--outage SINK:SECONDS` adds stage (o), last: one worker on its own prefix and tenants (`benchout-*`),
+records stamped and paced at `--outage-rate` (default 50 % of (c)'s rate) for 10 s of warm-up, a
+window (`--outage-window`, default SECONDS but at least 60 s), SECONDS, and the window again. After
+the warm-up and the first window SINK's server (DevStack's: Postgres, the graph server for neo4j,
+Typesense) is stopped with its own stop signal and started again SECONDS later on the same port and
+data. The worker's /metrics is sampled every second (bench/outage.py): each sink's applied records
+per second before, during and after the outage, the other sinks' rate during it as a share of
+before (the bar: at least 80 %), how long after the restart the down sink caught up, the lane
+state (`ingest_sink_lane_state`) as a timeline and `ingest_sink_spilled_records_total` where the
+worker exports them (null where not), and the OLDER_REVISION dead letters; after the records are
+in, every sink is read back (bench/raw_job.py's `read_back`): each entity at its newest revision,
+none lost. In the result under "outage" (its samples under "outage_samples"). `--only outage` runs
+stage (o) alone (with `--outage-rate`: no (c) to take a rate from).
 """
 
 from __future__ import annotations
@@ -38,16 +53,19 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from bench import raw_job
+from bench import outage, raw_job
 from bench.common import machine_busy_seconds, proc_figures
 from ingest_stream.config import SOURCES, Settings
-from ingest_stream.ops.devstack import DevStack, free_port
+from ingest_stream.ops.devstack import DevStack, DevStackError, ServerProcess, free_port
 from ingest_stream.ops.produce import produce, synthetic_records
 from ingest_stream.sinks.registry import build_sink
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PARTITIONS = 4
+OUTAGE_WARMUP_S = 10.0  # of stage (o), before its `before` window: the worker's first batches
+OUTAGE_STALL_S = 60.0  # after production, no sink handling a record for this long: stop waiting
+OUTAGE_DRAIN_TIMEOUT_S = 900.0
 
 
 def create_topics(bootstrap: str, names: list[str]) -> None:
@@ -268,6 +286,158 @@ class IngestStages:
                     (rss[-1] - rocksdb[-1]) - (rss[middle] - rocksdb[middle]), 1),
                 "rss_samples_mib": rss, "rocksdb_samples_mib": rocksdb}
 
+    def outage(self, prefix: str, sink: str, seconds: float, rate: float, window_s: float,
+               warmup_s: float = OUTAGE_WARMUP_S) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(o): records paced at `rate` for warm-up + `window_s` + `seconds` + `window_s` through one
+        worker; after the warm-up and one window, `sink`'s server is stopped (its own stop signal,
+        as DevStack stops it) and started again `seconds` later, same port and data. The worker's
+        /metrics is sampled every second (bench/outage.py summarises); after the records are in,
+        every sink is read back. Returns the report and the per-second samples."""
+        self._topics(prefix)
+        n = int(rate * (warmup_s + 2 * window_s + seconds))
+        envs = self._envs(prefix, 1)
+        url = metrics_url(envs[0])
+        sinks = list(self.settings.sinks)
+        server = self.stack.servers[outage.SERVER_OF_SINK[sink]]
+        sent: list[bytes] = []
+
+        def values() -> Iterator[bytes]:
+            for record in synthetic_records(n, entities=n, tenants=3, tenant_prefix=prefix, stamp_now=True):
+                value = orjson.dumps(record)
+                sent.append(value)
+                yield value
+
+        samples: list[outage.Sample] = []
+        done = threading.Event()
+
+        def sample_every_second() -> None:
+            while True:
+                at = time.monotonic()
+                produced = len(sent)
+                with contextlib.suppress(OSError):  # a busy worker's late answer: one sample fewer
+                    samples.append(outage.sample_of(scrape(url), at, produced, sinks))
+                if done.wait(max(0.0, at + 1 - time.monotonic())):
+                    return
+
+        failure: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                asyncio.run(produce(self.settings, values(), topic=f"{prefix}.source.kafka", rate=rate,
+                                    progress_every=10**9))
+            except BaseException as exc:  # re-raised by the stage
+                failure.append(exc)
+
+        with worker_processes(WORKER_ARGV, envs, [self.work / f"{prefix}.log"]) as processes:
+            worker = processes[0]
+            sampler = threading.Thread(target=sample_every_second, daemon=True)
+            producer = threading.Thread(target=send, daemon=True)
+            cpu_before, started = proc_figures(worker.pid)["cpu_seconds"], time.monotonic()
+            sampler.start()
+            producer.start()
+            try:
+                try:
+                    sleep_until(started + warmup_s + window_s, worker)
+                    stopped = time.monotonic()
+                    server.stop()
+                    stop_took = time.monotonic() - stopped
+                    print(f"(o) {server.name} stopped ({stop_took:.1f} s) for {seconds:g} s", file=sys.stderr)
+                    sleep_until(stopped + seconds, worker)
+                finally:
+                    restarted, produced_at_restart = time.monotonic(), len(sent)
+                    restart(server)
+                ready = time.monotonic()
+                print(f"(o) {server.name} back after {ready - restarted:.1f} s", file=sys.stderr)
+                producer.join()
+                if failure:
+                    raise RuntimeError(f"the producer failed: {failure[0]!r}")
+                production_ended = time.monotonic()
+                wait_handled(samples, sinks, n, worker)
+                drained = time.monotonic()
+                expected = raw_job.newest_revisions(sent)
+                completeness = asyncio.run(read_back_until_complete(self.settings, sinks, expected))
+                time.sleep(1.5)  # one more sample: the counters after the read-back
+                cpu = proc_figures(worker.pid)["cpu_seconds"] - cpu_before
+            finally:
+                done.set()
+                sampler.join()
+        report = outage.summarize(samples, sink=sink, sinks=sinks, seconds=seconds, stopped=stopped,
+                                  restarted=restarted, ready=ready, produced_at_restart=produced_at_restart,
+                                  production_ended=production_ended, window_s=window_s)
+        lost = sum(c["missing"] + c["stale"] for c in completeness.values())
+        report = {
+            **report, "server": server.name, "rate": round(rate, 1), "records": n, "window_s": window_s,
+            "warmup_s": warmup_s, "stop_took_s": round(stop_took, 1),
+            "restart_took_s": round(ready - restarted, 1),
+            "drained_s": round(drained - production_ended, 1),
+            "all_handled": bool(samples) and all(samples[-1].handled[s] >= n for s in sinks),
+            "completeness": completeness, "lost": lost,
+            "worker_cpu_share": round(cpu / (drained - started), 2)}
+        report["checks"] = outage.checks(report)
+        return report, [sample_json(x, stopped) for x in samples]
+
+
+def sleep_until(deadline: float, worker: subprocess.Popen[bytes]) -> None:
+    """Sleep until the monotonic `deadline`, failing as soon as the worker exits."""
+    while (left := deadline - time.monotonic()) > 0:
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited ({worker.returncode})")
+        time.sleep(min(left, 0.2))
+
+
+def restart(server: ServerProcess, attempts: int = 3) -> None:
+    """Start a stopped DevStack server again (same argv: same port and data directory); a server
+    that is slow to answer after a stop (DevStack waits 30 s) gets another try."""
+    for attempt in range(1, attempts + 1):
+        try:
+            server.start()
+            return
+        except DevStackError as exc:
+            if attempt == attempts:
+                raise
+            print(f"(o) {server.name} did not come back (attempt {attempt}): {exc}", file=sys.stderr)
+
+
+def wait_handled(samples: list[outage.Sample], sinks: list[str], n: int,
+                 worker: subprocess.Popen[bytes]) -> None:
+    """Until the newest sample shows every sink handled `n` records (any decision), or no sink
+    handled one for OUTAGE_STALL_S (records dropped or lost never arrive), or the timeout."""
+    deadline = time.monotonic() + OUTAGE_DRAIN_TIMEOUT_S
+    last, moved = None, time.monotonic()
+    while time.monotonic() < deadline:
+        latest = samples[-1] if samples else None
+        if latest and all(latest.handled[s] >= n for s in sinks):
+            return
+        handled = tuple(latest.handled.values()) if latest else None
+        if handled != last:
+            last, moved = handled, time.monotonic()
+        elif time.monotonic() - moved > OUTAGE_STALL_S:
+            return
+        sleep_until(time.monotonic() + 1, worker)
+
+
+async def read_back_until_complete(settings: Settings, sinks: list[str],
+                                   expected: dict[tuple[str, str], int], timeout_s: float = 60
+                                   ) -> dict[str, dict[str, int]]:
+    """Each sink read back (bench/raw_job.py) against `expected` until none has a discrepancy or
+    `timeout_s` passed (the last batches may still be in flight): per sink, the counts."""
+    tenants = sorted({tenant for tenant, _ in expected})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = await raw_job.read_back(settings, sinks, tenants)
+        found = {s: raw_job.discrepancies(expected, held[s]) for s in sinks}
+        if all(not (f["missing"] or f["stale"] or f["extra"]) for f in found.values()) \
+                or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(2)
+
+
+def sample_json(sample: outage.Sample, stopped: float) -> dict[str, Any]:
+    """One per-second sample of stage (o) for the result file, its time counted from the stop."""
+    return {"t": round(sample.t - stopped, 1), "produced": sample.produced, "applied": sample.applied,
+            "handled": sample.handled, "lane_state": sample.lane_state, "spilled": sample.spilled,
+            "backpressure": sample.backpressure, "dlq_older_revision": sample.older_letters}
+
 
 def metrics_url(env: dict[str, str]) -> str:
     return f"http://127.0.0.1:{env['INGEST_WEB_PORT']}/metrics"
@@ -383,6 +553,84 @@ def raw_job_stage(stack: DevStack, settings: Settings, work: Path, n: int, sinks
     return stage
 
 
+def throughput_stages(args: argparse.Namespace, stack: DevStack, settings: Settings, work: Path,
+                      ingest: IngestStages) -> tuple[dict[str, dict[str, Any]], Any, Any]:
+    """Stages (a) to (c2), then the latency and soak runs: the stages, latency, soak."""
+    n = args.records
+    values = records(n)
+    bootstrap = stack.kafka_bootstrap
+    stages: dict[str, dict[str, Any]] = {}
+
+    def raw_stage(name: str, prefix: str, sink_topics: list[str]) -> dict[str, Any]:
+        source, target = f"{prefix}.in", f"{prefix}.out"
+        create_topics(bootstrap, [source, target, *sink_topics])
+        asyncio.run(produce(settings, values, topic=source, progress_every=10**9))
+        raw = subprocess.run([sys.executable, "-m", "bench.raw", "--bootstrap", bootstrap, "--source",
+                              source, "--target", target, "--records", str(n),
+                              "--sink-topics", ",".join(sink_topics)],
+                             capture_output=True, text=True, cwd=ROOT, check=True, timeout=1800)
+        stage = summarize(name, n, json.loads(raw.stdout.splitlines()[-1]))
+        print(stage, file=sys.stderr)
+        return stage
+
+    stages["a_raw"] = raw_stage("raw aiokafka pipeline", "bench.raw", [])
+    # (a') the same code with the contract's fan-out: one sink topic per sink of (c), read back
+    stages["a2_raw_fanout"] = raw_stage("raw aiokafka, fan-out", "bench.fan",
+                                        [f"bench.fan.sink.{s}" for s in args.sinks.split(",")])
+
+    # (a'') right after the other raw stages, before (c): its rows are then in the table and
+    # collection (3 other tenants) when (c) writes, which, if anything, slows (c), not the
+    # yardstick: c/a'' errs against ingest_stream, not for it.
+    stages["a3_raw_job"] = raw_job_stage(stack, settings, work, n, args.sinks.split(","))
+
+    create_topics(bootstrap, ["bench.faust.in", "bench.faust.out"])
+    asyncio.run(produce(settings, values, topic="bench.faust.in", progress_every=10**9))
+    faust_env = {"BENCH_BOOTSTRAP": bootstrap, "BENCH_SOURCE": "bench.faust.in",
+                 "BENCH_TARGET": "bench.faust.out", "BENCH_WEB_PORT": str(free_port()),
+                 "BENCH_DATA_DIR": str(work / "faust-data")}
+    stages["b_faust"] = summarize("bare Faust pass-through", n, run_process_stage(
+        [sys.executable, "-m", "bench.faust_pass", "worker", "-l", "info"], [faust_env],
+        [work / "faust.log"], bootstrap, "bench-faust-pass", {"bench.faust.in": n}))
+    print(stages["b_faust"], file=sys.stderr)
+
+    stages["c_ingest_stream"] = summarize("ingest_stream end to end", n, ingest.throughput("bench", n, 1))
+    print(stages["c_ingest_stream"], file=sys.stderr)
+    if args.two_workers:
+        stages["c2_two_workers"] = summarize("ingest_stream, 2 workers", n,
+                                             ingest.throughput("bench2", n, 2))
+        print(stages["c2_two_workers"], file=sys.stderr)
+    latency = None
+    if args.latency_seconds:
+        rate = 0.8 * stages["c_ingest_stream"]["records_per_s"]
+        latency = paced_stage(rate, lambda: ingest.latency("benchlat", rate, args.latency_seconds))
+        print(latency, file=sys.stderr)
+    soak = None
+    if args.soak_seconds:
+        rate = 0.5 * stages["c_ingest_stream"]["records_per_s"]
+        soak = paced_stage(rate, lambda: ingest.soak("benchsoak", rate, args.soak_seconds))
+        print(soak, file=sys.stderr)
+    return stages, latency, soak
+
+
+def outage_stage(args: argparse.Namespace, ingest: IngestStages, rate: float
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(o), or why it failed; and its per-second samples."""
+    seconds = args.outage.seconds
+    window = args.outage_window or max(seconds, 60.0)
+    samples: list[dict[str, Any]] = []
+
+    def run() -> dict[str, Any]:
+        report, timeline = ingest.outage("benchout", args.outage.sink, seconds, rate, window)
+        samples.extend(timeline)
+        return report
+
+    try:
+        report = run()
+    except Exception as exc:  # the stages measured before it are kept, as paced_stage does
+        report = {"rate": round(rate, 1), "error": f"{type(exc).__name__}: {exc}"}
+    return {"sink": args.outage.sink, "seconds": seconds, **report}, samples
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--records", type=int, default=50_000)
@@ -394,82 +642,72 @@ def main() -> int:
                         help="paced run at 80%% of (c)'s rate for this long; 0 skips it")
     parser.add_argument("--soak-seconds", type=float, default=0,
                         help="memory soak: a paced run at 50%% of (c)'s rate for this long (600 = 10 min)")
+    parser.add_argument("--outage", type=outage.parse_outage, metavar="SINK:SECONDS",
+                        help="stage (o): a paced run during which SINK's server is down for SECONDS "
+                             "(e.g. typesense:60); SINK must be one of --sinks")
+    parser.add_argument("--outage-rate", type=float, metavar="RECORDS_PER_S",
+                        help="records/s of stage (o) (default: 50%% of (c)'s rate)")
+    parser.add_argument("--outage-window", type=float, metavar="S",
+                        help="stage (o)'s seconds measured before and after the outage "
+                             "(default: SECONDS, at least 60)")
+    parser.add_argument("--only", choices=["outage"],
+                        help="run only this stage (outage: needs --outage and --outage-rate)")
     args = parser.parse_args()
+    sinks = args.sinks.split(",")
+    if args.outage and args.outage.sink not in sinks:
+        parser.error(f"--outage {args.outage.sink}:…: {args.outage.sink} is not one of --sinks {args.sinks}")
+    if args.only == "outage" and not (args.outage and args.outage_rate):
+        parser.error("--only outage needs --outage SINK:SECONDS and --outage-rate (no stage (c) to take "
+                     "50 % of)")
+    for name in ("outage_rate", "outage_window"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if (args.outage_rate or args.outage_window) and not args.outage:
+        parser.error("--outage-rate and --outage-window need --outage SINK:SECONDS")
     n = args.records
-    values = records(n)
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    stages: dict[str, dict[str, Any]] = {}
+    latency = soak = outage_report = None
+    outage_samples: list[dict[str, Any]] = []
     with DevStack(work / "stack") as stack:
-        bootstrap = stack.kafka_bootstrap
         settings = Settings.from_env({**stack.settings_env(), "INGEST_SINKS": args.sinks})
-        stages: dict[str, dict[str, Any]] = {}
-
-        def raw_stage(name: str, prefix: str, sink_topics: list[str]) -> dict[str, Any]:
-            source, target = f"{prefix}.in", f"{prefix}.out"
-            create_topics(bootstrap, [source, target, *sink_topics])
-            asyncio.run(produce(settings, values, topic=source, progress_every=10**9))
-            raw = subprocess.run([sys.executable, "-m", "bench.raw", "--bootstrap", bootstrap, "--source",
-                                  source, "--target", target, "--records", str(n),
-                                  "--sink-topics", ",".join(sink_topics)],
-                                 capture_output=True, text=True, cwd=ROOT, check=True, timeout=1800)
-            stage = summarize(name, n, json.loads(raw.stdout.splitlines()[-1]))
-            print(stage, file=sys.stderr)
-            return stage
-
-        stages["a_raw"] = raw_stage("raw aiokafka pipeline", "bench.raw", [])
-        # (a') the same code with the contract's fan-out: one sink topic per sink of (c), read back
-        stages["a2_raw_fanout"] = raw_stage("raw aiokafka, fan-out", "bench.fan",
-                                            [f"bench.fan.sink.{s}" for s in args.sinks.split(",")])
-
-        # (a'') right after the other raw stages, before (c): its rows are then in the table and
-        # collection (3 other tenants) when (c) writes, which, if anything, slows (c), not the
-        # yardstick: c/a'' errs against ingest_stream, not for it.
-        stages["a3_raw_job"] = raw_job_stage(stack, settings, work, n, args.sinks.split(","))
-
-        create_topics(bootstrap, ["bench.faust.in", "bench.faust.out"])
-        asyncio.run(produce(settings, values, topic="bench.faust.in", progress_every=10**9))
-        faust_env = {"BENCH_BOOTSTRAP": bootstrap, "BENCH_SOURCE": "bench.faust.in",
-                     "BENCH_TARGET": "bench.faust.out", "BENCH_WEB_PORT": str(free_port()),
-                     "BENCH_DATA_DIR": str(work / "faust-data")}
-        stages["b_faust"] = summarize("bare Faust pass-through", n, run_process_stage(
-            [sys.executable, "-m", "bench.faust_pass", "worker", "-l", "info"], [faust_env],
-            [work / "faust.log"], bootstrap, "bench-faust-pass", {"bench.faust.in": n}))
-        print(stages["b_faust"], file=sys.stderr)
-
         ingest = IngestStages(stack, settings, work, args.sinks)
-        stages["c_ingest_stream"] = summarize("ingest_stream end to end", n, ingest.throughput("bench", n, 1))
-        print(stages["c_ingest_stream"], file=sys.stderr)
-        if args.two_workers:
-            stages["c2_two_workers"] = summarize("ingest_stream, 2 workers", n,
-                                                 ingest.throughput("bench2", n, 2))
-            print(stages["c2_two_workers"], file=sys.stderr)
-        latency = None
-        if args.latency_seconds:
-            rate = 0.8 * stages["c_ingest_stream"]["records_per_s"]
-            latency = paced_stage(rate, lambda: ingest.latency("benchlat", rate, args.latency_seconds))
-            print(latency, file=sys.stderr)
-        soak = None
-        if args.soak_seconds:
-            rate = 0.5 * stages["c_ingest_stream"]["records_per_s"]
-            soak = paced_stage(rate, lambda: ingest.soak("benchsoak", rate, args.soak_seconds))
-            print(soak, file=sys.stderr)
+        if args.only != "outage":
+            stages, latency, soak = throughput_stages(args, stack, settings, work, ingest)
+        if args.outage:
+            rate = args.outage_rate or 0.5 * stages["c_ingest_stream"]["records_per_s"]
+            outage_report, outage_samples = outage_stage(args, ingest, rate)
+            print(outage_report, file=sys.stderr)
 
-    a, a2, a3, b, c = (stages[k]["records_per_s"]
-                       for k in ("a_raw", "a2_raw_fanout", "a3_raw_job", "b_faust", "c_ingest_stream"))
-    result = {
+    result: dict[str, Any] = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"), "records": n,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "sinks": args.sinks, "stages": stages,
-        "ratio_vs_raw": round(c / a, 3), "ratio_vs_faust": round(c / b, 3),
-        "ratio_vs_raw_fanout": round(c / a2, 3), "ratio_vs_raw_job": round(c / a3, 3),
-        "latency": latency,
-        "soak": soak,
     }
-    if "c2_two_workers" in stages:
-        result["two_workers_speedup"] = round(stages["c2_two_workers"]["records_per_s"] / c, 2)
+    if stages:
+        a, a2, a3, b, c = (stages[k]["records_per_s"]
+                           for k in ("a_raw", "a2_raw_fanout", "a3_raw_job", "b_faust", "c_ingest_stream"))
+        result |= {"ratio_vs_raw": round(c / a, 3), "ratio_vs_faust": round(c / b, 3),
+                   "ratio_vs_raw_fanout": round(c / a2, 3), "ratio_vs_raw_job": round(c / a3, 3),
+                   "latency": latency, "soak": soak}
+        if "c2_two_workers" in stages:
+            result["two_workers_speedup"] = round(stages["c2_two_workers"]["records_per_s"] / c, 2)
+    if args.outage:
+        result["outage"] = outage_report
+        result["outage_samples"] = outage_samples
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(result, indent=2))
+    if stages:
+        print_stages(result, stages, latency, soak, path)
+    if outage_report:
+        print_outage(outage_report, path)
+    return 0
+
+
+def print_stages(result: dict[str, Any], stages: dict[str, dict[str, Any]], latency: Any, soak: Any,
+                 path: Path) -> None:
     print(f"{'stage':<28} {'records/s':>10} {'cpu µs/rec':>11} {'peak RSS MiB':>13} "
           f"{'machine busy':>13}")
     for stage in stages.values():
@@ -493,8 +731,24 @@ def main() -> int:
         print(f"latency at {latency['rate']:.0f} records/s (80 % of c): postgres p50/p95/p99 = "
               f"{latency['postgres_p50_s']}/{latency['postgres_p95_s']}/{latency['postgres_p99_s']} s; "
               f"share within 1 s by sink: {latency['within_1s_by_sink']}")
-    return 0
 
+
+def print_outage(report: dict[str, Any], path: Path) -> None:
+    head = f"outage of {report['sink']} for {report['seconds']:g} s"
+    if "error" in report:
+        print(f"{head} at {report['rate']:.0f} records/s FAILED: {report['error']}  ({path})")
+        return
+    print(f"{head} at {report['rate']:.0f} records/s ({path}):")
+    for sink, rates in report["applied_per_s"].items():
+        print(f"  {sink:<10} applied/s before {rates['before']}, during {rates['during']}, "
+              f"after {rates['after']}")
+    print(f"  others during/before: {report['others_during_vs_before']}; caught up "
+          f"{report['caught_up_s']} s after the restart (with the other sinks after "
+          f"{report['caught_up_with_others_s']} s, outage backlog written after "
+          f"{report['outage_backlog_written_s']} s); lost {report['lost']}; OLDER_REVISION letters "
+          f"{report['dlq_older_revision']}; lane state {report['lane_state']}; spilled "
+          f"{report['spilled_records']}")
+    print(f"  checks: {report['checks']}")
 
 if __name__ == "__main__":
     sys.exit(main())
