@@ -54,6 +54,8 @@ class BackpressureController:
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._probe: LagProbe | None = None
+        # The sink topics a down sink's lane spills to now (set by the wiring: stream/lanes.py).
+        self.spilled_for_down_sinks: Callable[[], Collection[str]] = lambda: ()
         self._measuring = asyncio.Lock()
         self._paused_by_us: set[Any] = set()
         self._pending: set[asyncio.Future[None]] = set()
@@ -64,7 +66,7 @@ class BackpressureController:
     async def tick(self) -> None:
         await self.measure()
         before = self.machine.state
-        self.machine.observe(self._clock(), worst_lag(self.lags, exclude=self.disabled_topics()))
+        self.machine.observe(self._clock(), worst_lag(self.lags, exclude=self.not_driving()))
         if self.machine.state is not before:
             log.warning("backpressure %s -> %s: %s", before.value, self.machine.state.value,
                         self.machine.reason)
@@ -144,6 +146,13 @@ class BackpressureController:
         if self.machine.state is State.PAUSED:
             held |= set(self.sink_topics)
         return held
+
+    def not_driving(self) -> list[str]:
+        """Topics whose lag does not move the state: disabled sources, and the topics a down sink's
+        lane spills to. Their records wait durably for a sink that does not answer; slowing the
+        intake would not bring it back, only slow the other sinks (contract §1, step 5). A slow
+        sink that answers still counts."""
+        return [*self.disabled_topics(), *self.spilled_for_down_sinks()]
 
     def disabled_topics(self) -> list[str]:
         return [t for t, s in self.source_topics.items() if s in self.disabled]
@@ -225,7 +234,7 @@ class BackpressureController:
             "overridden": m.overridden,
             "brownout_rate": m.brownout_rate,
             "throttle_rate": self._settings.backpressure.throttle_rate,
-            "worst_lag": _lag_dict(worst_lag(self.lags, exclude=self.disabled_topics())),
+            "worst_lag": _lag_dict(worst_lag(self.lags, exclude=self.not_driving())),
             "held_topics": sorted(self.held_topics()),
         }
 

@@ -218,31 +218,43 @@ def test_a_disabled_source_is_isolated_while_the_others_flow(make_worker, kafka:
 
 def test_a_slow_sink_drives_throttled_then_brownout_drops_only_low_priority_and_it_recovers(
         stack: DevStack, make_worker, kafka: Kafka, sinks: SinkReader, prefix: str) -> None:
+    """A sink that answers, slowly (a trigger of ours sleeps 0.5 s per row of the test's tenant):
+    its records wait, lag rises and backpressure moves. (A sink that does not answer at all spills
+    without slowing the others: `test_a_down_sink_spills_without_driving_backpressure`.)"""
     tenant = f"{prefix}-bp"
     source = f"{prefix}.source.kafka"
     kafka.create_topics(source_topics(prefix))
+    slow = f"test_slow_{prefix}"
+    sinks.execute(f"""CREATE FUNCTION {slow}() RETURNS trigger LANGUAGE plpgsql AS
+                      $$ BEGIN PERFORM pg_sleep(0.5); RETURN NEW; END $$""")
+    sinks.execute(f"CREATE TRIGGER {slow} BEFORE INSERT OR UPDATE ON ingest_records FOR EACH ROW "
+                  f"WHEN (NEW.tenant = '{tenant}') EXECUTE FUNCTION {slow}()")
     worker: WorkerProcess = make_worker(
         # Throttled for several lag checks on the way up: rising lag jumps straight to the highest
         # level reached, so a check delayed past both thresholds would skip it (as it should).
         **QUICK_LAG, INGEST_THROTTLE_LAG_S="2", INGEST_BROWNOUT_LAG_S="10",
         INGEST_BACKPRESSURE_COOL_DOWN_S="1",
         INGEST_BROWNOUT_RATE="0", INGEST_THROTTLE_RATE="5000", INGEST_SINK_FAILURE_POLICY="hold",
-        INGEST_SINK_TIMEOUT_S="1", INGEST_SINK_RETRY_CAP_S="0.5", INGEST_BREAKER_OPEN_S="1")
+        INGEST_SINK_TIMEOUT_S="120")  # slow, not down: no call times out
     worker.start()
 
     def reached(wanted: str) -> None:
         assert state(worker) == wanted
 
-    with stack.server_paused("typesense"):  # slow: it answers nothing until SIGCONT
+    try:
         kafka.produce(source, records(tenant, 30))
         eventually(lambda: reached("brownout"), timeout_s=60, interval_s=0.1, context=worker.log_tail)
         assert transitions(worker)[-2:] == [("normal", "throttled"), ("throttled", "brownout")]
         assert "threshold" in worker.get_json("/health/detailed")["backpressure"]["reason"]
+        assert worker.get_json("/health/detailed")["sinks"]["postgres"]["circuit"] == "closed"
         low = records(tenant, 40, start=1000, priority="low")
         kept = records(tenant, 20, start=2000, priority="high") + records(tenant, 20, start=3000)
         kafka.produce(source, low + kept)
-        eventually(lambda: _assert_rows(sinks, tenant, 70), timeout_s=60, context=worker.log_tail)
+        eventually(lambda: _assert_rows(sinks, tenant, 70), timeout_s=90, context=worker.log_tail)
         assert worker.metric("ingest_brownout_dropped_total", source="kafka") == 40
+    finally:
+        sinks.execute(f"DROP TRIGGER {slow} ON ingest_records")
+        sinks.execute(f"DROP FUNCTION {slow}()")
     eventually(lambda: reached("normal"), timeout_s=120, interval_s=0.2, context=worker.log_tail)
     # Down one level at a time.
     assert transitions(worker)[-2:] == [("brownout", "throttled"), ("throttled", "normal")]
@@ -250,6 +262,37 @@ def test_a_slow_sink_drives_throttled_then_brownout_drops_only_low_priority_and_
     assert not any(record_id.startswith("r1") and len(record_id) == 5 for _, record_id in held)
     assert {i for _, i in held} == {f"r{i}" for i in [*range(30), *range(2000, 2020), *range(3000, 3020)]}
     eventually(lambda: assert_equal(len(sinks.search_documents([tenant])), 70), timeout_s=60)
+
+
+def test_a_down_sink_spills_without_driving_backpressure(
+        stack: DevStack, make_worker, kafka: Kafka, sinks: SinkReader, prefix: str) -> None:
+    """Typesense hung (SIGSTOP: nothing answers): its lane spills, its topic's lag grows past the
+    throttle threshold, and the state stays normal: the records wait durably for a sink that does
+    not answer, and slowing the intake would only slow Postgres and the graph (contract §1)."""
+    tenant = f"{prefix}-down"
+    source = f"{prefix}.source.kafka"
+    kafka.create_topics(source_topics(prefix))
+    worker: WorkerProcess = make_worker(
+        **QUICK_LAG, INGEST_THROTTLE_LAG_S="2", INGEST_BROWNOUT_LAG_S="10", INGEST_SINK_FAILURE_POLICY="hold",
+        INGEST_SINK_TIMEOUT_S="1", INGEST_SINK_RETRY_CAP_S="0.5", INGEST_BREAKER_OPEN_S="1")
+    worker.start()
+    with stack.server_paused("typesense"):
+        kafka.produce(source, records(tenant, 30))
+        eventually(lambda: _assert_rows(sinks, tenant, 30), timeout_s=60, context=worker.log_tail)
+        eventually(lambda: _assert_sink_topic_lag(worker, f"{prefix}.sink.typesense", 3.0), timeout_s=60,
+                   interval_s=0.2, context=worker.log_tail)
+        kafka.produce(source, records(tenant, 30, start=30))
+        eventually(lambda: _assert_rows(sinks, tenant, 60), timeout_s=60, context=worker.log_tail)
+        assert state(worker) == "normal" and transitions(worker) == []
+        assert worker.metric("ingest_sink_lane_state", sink="typesense") != 0
+        assert worker.metric("ingest_sink_lane_state", sink="postgres") == 0
+    eventually(lambda: assert_equal(len(sinks.search_documents([tenant])), 60), timeout_s=90,
+               context=worker.log_tail)
+    assert transitions(worker) == []
+
+
+def _assert_sink_topic_lag(worker: WorkerProcess, topic: str, seconds: float) -> None:
+    assert worker.metric("ingest_consumer_lag_seconds", topic=topic) >= seconds
 
 
 def test_metrics_scrape_passes_promtool(make_worker, kafka: Kafka, prefix: str) -> None:
