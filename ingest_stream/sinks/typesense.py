@@ -64,7 +64,9 @@ COLLECTION = "ingest_records"
 TOMBSTONES = "ingest_records_tombstones"
 PROBE = "ingest_sink_probe"  # one document, rewritten by probe_write
 TEXT_LIMIT = 32_768
-_IDS_PER_FILTER = 100  # multi_search (POST) keeps large id filters off the URL
+# Ids per search: Typesense's largest `per_page`, so one search returns every hit of its ids (an id
+# is in a collection at most once). multi_search (POST) keeps the long id filters off the URL.
+_IDS_PER_FILTER = 250
 _SEARCHES_PER_REQUEST = 50  # the server's default `limit_multi_searches`
 
 _SCHEMAS: dict[str, dict[str, Any]] = {

@@ -7,12 +7,15 @@ remembered). A worker killed between them must leave a state the redelivered tom
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from ingest_stream.core.backoff import BackoffPolicy
 from ingest_stream.core.record import with_defaults
+from ingest_stream.core.revision import Version
 from ingest_stream.errors import SinkError
 from ingest_stream.metrics import Metrics
 from ingest_stream.ops.devstack import DevStack
@@ -85,3 +88,56 @@ def test_a_tombstone_cut_between_its_requests_is_completed_when_redelivered(
 
     assert asyncio.run(scenario()).applied == [tombstone]  # not skipped as already held
     assert sinks.search_documents([tenant]) == {}  # gone from search
+
+
+class RecordingTransport(httpx.AsyncBaseTransport):
+    """The real server; the searches of each multi_search request are kept."""
+
+    def __init__(self) -> None:
+        self._server = httpx.AsyncHTTPTransport()
+        self.multi_searches: list[list[dict[str, Any]]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/multi_search":
+            self.multi_searches.append(orjson.loads(await request.aread())["searches"])
+        return await self._server.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._server.aclose()
+
+
+# Ids the document id percent-encodes, one of each kind the filter syntax or the URL minds.
+AWKWARD = ["with space", "back`tick", "com,ma", "[bracket]", "co:lon", "a&&b||c", "per%41cent", "A",
+           "slash/and\\backslash", "é漢字🙂", "quote\"'", "-dash.dot_under"]
+
+
+@pytest.mark.parametrize("ids", [250, 251])
+def test_revisions_are_read_for_a_full_search_of_ids_and_one_more(
+        stack: DevStack, prefix: str, ids: int) -> None:
+    """250 ids fill one search of each collection (its largest per_page); 251 take two. Every third
+    entity is a tombstone, so both collections answer; the last few were never written."""
+    tenant = f"{prefix}-ids{ids}"
+    keys = [f"{tenant}:{AWKWARD[i % len(AWKWARD)]}-{i}" for i in range(ids)]
+    written = keys[:-len(AWKWARD)]
+    live = [Write(with_defaults(v2(tenant, k.partition(":")[2], 1)), origin_tp="t:0", origin_offset=i)
+            for i, k in enumerate(written)]
+    tombstones = [Write(with_defaults(v2(tenant, w.record["id"], 2, deleted=True, attributes={})),
+                        origin_tp="t:0", origin_offset=ids + i) for i, w in enumerate(live) if i % 3 == 0]
+
+    async def scenario() -> tuple[dict[str, Version], list[list[dict[str, Any]]]]:
+        recording = RecordingTransport()
+        sink = _sink(stack, recording)
+        await sink.open()
+        try:
+            await sink.write(live)
+            await sink.write(tombstones)
+            recording.multi_searches.clear()
+            return await sink.current_revisions(keys), recording.multi_searches
+        finally:
+            await sink.close()
+
+    found, requests = asyncio.run(scenario())
+    assert found == {w.key: w.version for w in live} | {w.key: w.version for w in tombstones}
+    assert len(requests) == 1  # one round trip
+    assert sorted(int(search["per_page"]) for search in requests[0]) == (
+        [250, 250] if ids == 250 else [1, 1, 250, 250])  # a search of each collection per 250 ids
