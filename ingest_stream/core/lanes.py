@@ -34,7 +34,7 @@ class LaneMode(IntEnum):
 @dataclass(frozen=True, slots=True)
 class LanePolicy:
     max_wait_s: float = 2.0  # a batch waiting this long for its in-process write: spill instead
-    switch_backlog: int = 2000  # records left in the sink topic at which a recovered lane switches
+    switch_backlog: int = 500  # records left in the sink topic at which a recovered lane switches
 
     def __post_init__(self) -> None:
         if self.max_wait_s <= 0 or self.switch_backlog < 0:

@@ -26,6 +26,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
+# --- tables ---------------------------------------------------------------------------------------
+
+
+def table_partition_db(table: faust.types.TableT[Any, Any], partition: int) -> Any:
+    """The RocksDB (`rocksdict.Rdict`, raw mode) of one partition of a RocksDB-backed table
+    (`Store._db_for_partition`, which opens it on first use). The agents read and write a batch's
+    keys there at once (`stream/tables.py: BatchedTableWrites`) rather than per key through the
+    table; Faust's recovery writes changelog bytes into the same instance (`apply_changelog_batch`)."""
+    return table.data._db_for_partition(partition)  # type: ignore[attr-defined]
+
+
 # --- the producer ---------------------------------------------------------------------------------
 
 

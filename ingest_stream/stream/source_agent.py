@@ -89,6 +89,7 @@ class SourceProcessor:
         counted: Counter[tuple[str | None, str]] = Counter()  # (tenant, outcome): counted once per batch
         rejected: list[tuple[EventT[Any], Rejected | Exception]] = []  # published after the batch check
         forwarded: list[LaneRecord] = []
+        admitted: list[tuple[EventT[Any], Forward, bytes | None]] = []  # the dedupe key, if checked
         for event in events:
             try:
                 accepted = self._accept(event)
@@ -98,12 +99,15 @@ class SourceProcessor:
             if isinstance(accepted, Rejected):
                 rejected.append((event, accepted))
                 continue
-            record = accepted.record
-            if not self._gate.keeps(self.source, record["priority"]):
-                counted[record["tenant"], "dropped"] += 1
+            if not self._gate.keeps(self.source, accepted.record["priority"]):
+                counted[accepted.record["tenant"], "dropped"] += 1
                 continue  # brownout: still in the source topic, for a replay (docs/design.md)
-            if not accepted.reprocessed and self._is_duplicate(
-                    event, dedupe.dedupe_key(accepted.encoded), seen_keys, now_ms):
+            key = None if accepted.reprocessed else seen_keys.key_bytes(dedupe.dedupe_key(accepted.encoded))
+            admitted.append((event, accepted, key))
+        seen = self._seen(admitted, seen_keys)
+        for event, accepted, key in admitted:
+            record = accepted.record
+            if key is not None and self._is_duplicate(event, key, seen, seen_keys, now_ms):
                 counted[record["tenant"], "duplicate"] += 1
                 continue
             forwarded.append(LaneRecord(
@@ -160,15 +164,33 @@ class SourceProcessor:
             self._duplicate.inc(by_outcome["duplicate"])
             self._duplicates.inc(by_outcome["duplicate"])
 
-    def _is_duplicate(self, event: EventT[Any], key: str, seen_keys: BatchedTableWrites, now_ms: int) -> bool:
+    @staticmethod
+    def _seen(admitted: list[tuple[EventT[Any], Forward, bytes | None]], seen_keys: BatchedTableWrites
+              ) -> dict[tuple[int, bytes], str | None]:
+        """Where each dedupe key of the batch was first seen, per partition: one multi-get each."""
+        by_partition: dict[int, list[bytes]] = {}
+        for event, _, key in admitted:
+            if key is not None:
+                by_partition.setdefault(event.message.partition, []).append(key)
+        seen: dict[tuple[int, bytes], str | None] = {}
+        for partition, keys in by_partition.items():
+            unique = list(dict.fromkeys(keys))
+            seen.update(zip(((partition, k) for k in unique), seen_keys.get_many(partition, unique),
+                            strict=True))
+        return seen
+
+    def _is_duplicate(self, event: EventT[Any], key: bytes, seen: dict[tuple[int, bytes], str | None],
+                      seen_keys: BatchedTableWrites, now_ms: int) -> bool:
+        """The dedupe rule (core/dedupe.py) on what the batch read, and on its own new keys."""
         message = event.message
-        make_current(event)  # the table reads this partition's RocksDB
-        stored = self._tables.dedupe.get(key)
-        seen = dedupe.SeenEntry.decode(stored) if stored is not None else None
-        decision = dedupe.decide(seen, partition=message.partition, offset=message.offset, now_ms=now_ms,
+        stored = seen[message.partition, key]
+        entry = dedupe.SeenEntry.decode(stored) if stored is not None else None
+        decision = dedupe.decide(entry, partition=message.partition, offset=message.offset, now_ms=now_ms,
                                  ttl_ms=self._ttl_ms)
         if decision is dedupe.DedupeDecision.NEW:
-            seen_keys.set(event, key, dedupe.SeenEntry(message.partition, message.offset, now_ms).encode())
+            value = dedupe.SeenEntry(message.partition, message.offset, now_ms).encode()
+            seen_keys.set(event, key, value)
+            seen[message.partition, key] = value  # a second copy later in the batch is a duplicate
         return decision is dedupe.DedupeDecision.DUPLICATE
 
     def _write_checkpoints(self, checkpoints: dict[str, tuple[EventT[Any], int]],
