@@ -33,12 +33,15 @@ class LaneMode(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class LanePolicy:
-    max_wait_s: float = 2.0  # a batch waiting this long for its in-process write: spill instead
+    max_wait_s: float = 1.0  # a batch waiting this long for its in-process write: spill instead
     switch_backlog: int = 500  # records left in the sink topic at which a recovered lane switches
+    switch_wait_s: float = 0.5  # the longest a switching lane holds a batch; then it spills again
+    switch_retry_max_s: float = 30.0  # after a failed switch, the next waits 1 s, 2 s, … up to this
 
     def __post_init__(self) -> None:
-        if self.max_wait_s <= 0 or self.switch_backlog < 0:
-            raise ValueError("max_wait_s must be positive and switch_backlog not negative")
+        if min(self.max_wait_s, self.switch_wait_s, self.switch_retry_max_s) <= 0 or self.switch_backlog < 0:
+            raise ValueError("max_wait_s, switch_wait_s and switch_retry_max_s must be positive and "
+                             "switch_backlog not negative")
 
 
 class Lane:
@@ -51,6 +54,10 @@ class Lane:
         self.need: dict[int, int] = {}  # partition -> offset the sink agent must pass first
         self.unknown: set[int] = set()  # assigned, what the topic holds there not yet measured
         self.assigned = False  # before the first assignment nothing is known
+        # A switch that timed out (the sink agent drains too slowly for new batches to wait) is
+        # not tried again at once: each hold stops every lane's batches behind it.
+        self._switch_retry_s = 1.0
+        self._switch_not_before = 0.0
 
     def assign(self, partitions: Collection[int], *, now: float) -> None:
         """A rebalance: partitions new to this worker may hold spilled records of another worker
@@ -97,16 +104,21 @@ class Lane:
             return self.mode
         backlog = self.backlog(done)
         if mode is LaneMode.SPILLING:
-            if sink_ok and backlog is not None and backlog <= self.policy.switch_backlog:
+            if (sink_ok and backlog is not None and backlog <= self.policy.switch_backlog
+                    and now >= self._switch_not_before):
                 self._move(LaneMode.SWITCHING, f"sink answers, {backlog} record(s) left in its topic", now)
             else:
                 return self.mode
         if backlog == 0:
             self._move(LaneMode.DIRECT, "sink topic drained", now)
+            self._switch_retry_s = 1.0
         elif not sink_ok:
             self._move(LaneMode.SPILLING, "sink not answering while switching back", now)
-        elif head_wait_s > self.policy.max_wait_s:
-            self._move(LaneMode.SPILLING, f"switching back took over {self.policy.max_wait_s:g}s", now)
+        elif head_wait_s > self.policy.switch_wait_s:
+            self._move(LaneMode.SPILLING, f"switching back took over {self.policy.switch_wait_s:g}s "
+                                          f"(next try in {self._switch_retry_s:g}s)", now)
+            self._switch_not_before = now + self._switch_retry_s
+            self._switch_retry_s = min(self._switch_retry_s * 2, self.policy.switch_retry_max_s)
         return self.mode
 
     def _move(self, mode: LaneMode, reason: str, now: float) -> None:

@@ -84,6 +84,9 @@ def test_a_sink_down_with_hold_policy_completes_with_no_dlq(
     eventually(lambda: assert_equal(*state[down]()), timeout_s=120, context=worker.log_tail)
     eventually(lambda: _assert_circuit(worker, down, 0), timeout_s=30)
     assert worker.get_json("/health/detailed")["sinks"][down]["circuit"] == "closed"
+    # Its lane spilled to its topic meanwhile, and is back in process once that topic is drained.
+    assert worker.metric("ingest_sink_spilled_records_total", sink=down) > 0
+    eventually(lambda: _assert_lane_direct(worker, down), timeout_s=60, context=worker.log_tail)
     assert readiness(worker) == (200, [])
     assert worker.metric("ingest_circuit_transitions_total", sink=down, state="open") >= 1
     assert worker.metric("ingest_circuit_transitions_total", sink=down, state="closed") >= 1
@@ -133,6 +136,8 @@ def test_a_sink_down_with_dlq_policy_dead_letters_its_records_and_a_redrive_comp
     eventually(lambda: assert_equal(*state["typesense"]()), timeout_s=120, context=worker.log_tail)
     eventually(lambda: _assert_circuit(worker, "typesense", 0), timeout_s=30)
     assert worker.metric("ingest_circuit_transitions_total", sink="typesense", state="closed") >= 1
+    assert worker.metric("ingest_sink_spilled_records_total", sink="typesense") > 0
+    eventually(lambda: _assert_lane_direct(worker, "typesense"), timeout_s=60, context=worker.log_tail)
     # The redrive went to Typesense only: no sink was written again, nothing came back to the DLQ.
     assert len(sinks.audit(data.tenants)) == postgres_writes
     assert _dlq_positions(kafka, prefix) == expected
@@ -166,6 +171,10 @@ def _assert_some(found: dict[object, object]) -> None:
 
 def _assert_circuit(worker: WorkerProcess, sink: str, state: int) -> None:
     assert worker.metric("ingest_circuit_state", sink=sink) == state
+
+
+def _assert_lane_direct(worker: WorkerProcess, sink: str) -> None:
+    assert worker.metric("ingest_sink_lane_state", sink=sink) == 0
 
 
 

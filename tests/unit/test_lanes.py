@@ -63,9 +63,32 @@ def test_a_switch_that_takes_too_long_or_meets_a_failure_spills_again() -> None:
     lane.failed("down", now=1.0)
     lane.spilled(0, 50)
     assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=2.0) is LaneMode.SWITCHING
-    assert lane.decide(sink_ok=True, head_wait_s=2.5, done={0: 10}, now=4.5) is LaneMode.SPILLING
+    assert lane.decide(sink_ok=True, head_wait_s=0.4, done={0: 10}, now=2.4) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=0.6, done={0: 10}, now=2.6) is LaneMode.SPILLING
+    assert "next try in 1s" in lane.reason
     assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 10}, now=4.6) is LaneMode.SWITCHING
     assert lane.decide(sink_ok=False, head_wait_s=0, done={0: 10}, now=4.7) is LaneMode.SPILLING
+
+
+def test_a_failed_switch_is_retried_later_and_later() -> None:
+    """Each hold stops every lane's batches behind it: a sink agent that drains too slowly for a
+    switch is not made to try again at once."""
+    lane = direct_lane()
+    lane.failed("down", now=0.0)
+    lane.spilled(0, 50)
+    now, waits = 0.0, []
+    for _ in range(7):
+        assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=now) is LaneMode.SWITCHING
+        assert lane.decide(sink_ok=True, head_wait_s=0.6, done={}, now=now) is LaneMode.SPILLING
+        tried_at, now = now, now + 0.1
+        while lane.decide(sink_ok=True, head_wait_s=0, done={}, now=now) is LaneMode.SPILLING:
+            now += 0.1
+        waits.append(round(now - tried_at))
+    assert waits == [1, 2, 4, 8, 16, 30, 30]
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 50}, now=now) is LaneMode.DIRECT
+    lane.failed("down", now=now)
+    lane.spilled(0, 60)
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 50}, now=now) is LaneMode.SWITCHING  # reset
 
 
 def test_a_sink_that_is_not_answering_keeps_its_lane_spilling() -> None:
@@ -95,7 +118,7 @@ def test_the_same_assignment_again_changes_nothing() -> None:
     assert lane.mode is LaneMode.DIRECT
 
 
-@pytest.mark.parametrize("policy", [{"max_wait_s": 0}, {"switch_backlog": -1}])
+@pytest.mark.parametrize("policy", [{"max_wait_s": 0}, {"switch_backlog": -1}, {"switch_wait_s": 0}])
 def test_a_policy_that_cannot_work_is_refused(policy: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="max_wait_s"):
         LanePolicy(**policy)  # type: ignore[arg-type]
