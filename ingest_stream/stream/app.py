@@ -243,8 +243,6 @@ def _eviction_timer(
 def _backpressure_timer(app: faust.App, settings: Settings, controller: BackpressureController,
                         lanes: dict[str, SinkLane]) -> None:
     by_topic = {lane.topic: lane for lane in lanes.values()}
-    controller.spilled_for_down_sinks = lambda: [
-        topic for topic, lane in by_topic.items() if lane.spilling_for_a_down_sink]
 
     def tell_lanes(lags: list[PartitionLag]) -> None:
         """How far each sink topic is written (committed) and where it ends, for the lanes."""

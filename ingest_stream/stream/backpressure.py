@@ -54,8 +54,6 @@ class BackpressureController:
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._probe: LagProbe | None = None
-        # The sink topics a down sink's lane spills to now (set by the wiring: stream/lanes.py).
-        self.spilled_for_down_sinks: Callable[[], Collection[str]] = lambda: ()
         self._measuring = asyncio.Lock()
         self._paused_by_us: set[Any] = set()
         self._pending: set[asyncio.Future[None]] = set()
@@ -148,11 +146,14 @@ class BackpressureController:
         return held
 
     def not_driving(self) -> list[str]:
-        """Topics whose lag does not move the state: disabled sources, and the topics a down sink's
-        lane spills to. Their records wait durably for a sink that does not answer; slowing the
-        intake would not bring it back, only slow the other sinks (contract §1, step 5). A slow
-        sink that answers still counts."""
-        return [*self.disabled_topics(), *self.spilled_for_down_sinks()]
+        """Topics whose lag does not move the state: disabled sources, and the sink topics. What a
+        sink topic holds (spills, redrives) waits there durably; slowing the intake would not make
+        that sink faster, only slow the others (contract §1, step 5). A slow sink moves the state
+        while it is written in process: its batches hold the source's acks, so the source topic's
+        lag grows, until its lane spills. (A sink topic's lag counted once its lane was back in
+        process moved the state at once: committed offsets trail the agent's acks by up to
+        `INGEST_COMMIT_INTERVAL_S`, and its first uncommitted record was as old as the outage.)"""
+        return [*self.disabled_topics(), *self.sink_topics]
 
     def disabled_topics(self) -> list[str]:
         return [t for t, s in self.source_topics.items() if s in self.disabled]

@@ -205,13 +205,6 @@ class SinkLane:
             self._partitions = sorted(faust_internals.partitions_for_topic(producer, self.topic))
         return self._partitions
 
-    @property
-    def spilling_for_a_down_sink(self) -> bool:
-        """Spilled records wait for a sink that does not answer (its circuit is not closed)."""
-        sink = self.processor.sink
-        closed = sink.breaker.state(sink.now()) is CircuitState.CLOSED
-        return self.lane.mode is not LaneMode.DIRECT and not closed
-
     def _sink_ok(self) -> bool:
         sink = self.processor.sink
         return sink.breaker.state(sink.now()) is CircuitState.CLOSED and not sink.busy

@@ -9,6 +9,7 @@ of `assert_converged`).
 from __future__ import annotations
 
 from ingest_stream.ops.devstack import DevStack
+from tests.dataset import Dataset
 from tests.integration.harness import Kafka, SinkReader, WorkerProcess, assert_equal, eventually
 from tests.integration.pipeline_helpers import assert_converged, consumed_topics, source_topics
 from tests.integration.test_chaos import FAST_RECOVERY, bulk, sink_states
@@ -33,16 +34,21 @@ def _assert_spilled(worker: WorkerProcess, sink: str, at_least: int) -> None:
     assert spilled(worker, sink) >= at_least
 
 
+def _started_in_process(worker: WorkerProcess, kafka: Kafka, prefix: str, data: Dataset) -> WorkerProcess:
+    """The worker started on the data's first 600 records, its Typesense lane in process."""
+    kafka.create_topics(source_topics(prefix))
+    worker.start()
+    kafka.produce(f"{prefix}.source.kafka", [(m.key, m.value) for m in data.messages[:600]])
+    eventually(lambda: _assert_lane(worker, "typesense", DIRECT), timeout_s=60, context=worker.log_tail)
+    return worker
+
+
 def test_a_down_sink_spills_while_the_others_go_on_and_a_kill_while_spilling_loses_nothing(
         stack: DevStack, kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
     data = bulk(prefix)  # 600 entities, 4 revisions each
     state = sink_states(sinks, data)
     source = f"{prefix}.source.kafka"
-    kafka.create_topics(source_topics(prefix))
-    worker: WorkerProcess = make_worker(**LANES)
-    worker.start()
-    kafka.produce(source, [(m.key, m.value) for m in data.messages[:600]])
-    eventually(lambda: _assert_lane(worker, "typesense", DIRECT), timeout_s=60, context=worker.log_tail)
+    worker = _started_in_process(make_worker(**LANES), kafka, prefix, data)
 
     with stack.server_down("typesense"):
         kafka.produce(source, [(m.key, m.value) for m in data.messages[600:1800]])
@@ -67,12 +73,9 @@ def test_a_kill_while_a_lane_switches_back_loses_nothing(
         stack: DevStack, kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
     data = bulk(prefix)
     source = f"{prefix}.source.kafka"
-    kafka.create_topics(source_topics(prefix))
     # Switch back only once the topic is nearly drained, so that the switch is a window to hit.
-    worker: WorkerProcess = make_worker(**LANES, INGEST_SINK_LANE_SWITCH_BACKLOG="200")
-    worker.start()
-    kafka.produce(source, [(m.key, m.value) for m in data.messages[:600]])
-    eventually(lambda: _assert_lane(worker, "typesense", DIRECT), timeout_s=60, context=worker.log_tail)
+    worker = _started_in_process(make_worker(**LANES, INGEST_SINK_LANE_SWITCH_BACKLOG="200"), kafka,
+                                 prefix, data)
 
     with stack.server_down("typesense"):
         kafka.produce(source, [(m.key, m.value) for m in data.messages[600:1800]])
@@ -102,11 +105,7 @@ def test_a_rebalance_while_a_lane_spills_loses_nothing(
     rebalance begun during the outage completes once Typesense answers again (docs/design.md)."""
     data = bulk(prefix)
     source = f"{prefix}.source.kafka"
-    kafka.create_topics(source_topics(prefix))
-    first: WorkerProcess = make_worker(**LANES)
-    first.start()
-    kafka.produce(source, [(m.key, m.value) for m in data.messages[:600]])
-    eventually(lambda: _assert_lane(first, "typesense", DIRECT), timeout_s=60, context=first.log_tail)
+    first = _started_in_process(make_worker(**LANES), kafka, prefix, data)
 
     second: WorkerProcess = make_worker(**LANES)
     with stack.server_down("typesense"):
