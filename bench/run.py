@@ -8,7 +8,8 @@ topics read back and validated; no sink written), (a'') the same job as (c) hand
 (bench/raw_job.py: aiokafka, SHA-256 dedupe in rocksdict, revision-guarded writes to Postgres and
 Typesense, offsets committed after both; its own tenants, checked in both sinks after it), (b) a bare
 Faust pass-through (bench/faust_pass.py), (c) ingest_stream end to end (source topic → validate →
-dedupe → sink topics → sinks committed), optionally (c2) the same with two worker processes.
+dedupe → each sink's lane, in process or spilled to its sink topic → sinks committed), optionally
+(c2) the same with two worker processes.
 Timing starts when a stage is consuming (Faust: "Worker ready") and ends when its consumer group
 has committed every record. Then a paced run at 80 % of (c)'s rate measures source-to-sink latency,
 and optionally a soak at 50 % samples the worker's memory. Writes bench/results/<timestamp>.json.
