@@ -40,6 +40,7 @@ class Forward:
     encoded: bytes
     headers: Headers
     reprocessed: bool  # redriven or replayed: dedupe is bypassed (contract §5)
+    origin: Position  # where it entered the pipeline (also in `headers`, for the sink topics)
 
 
 def admit(validator: RecordValidator, value: bytes | None, headers: Headers, *, here: Position,
@@ -67,7 +68,7 @@ def admit(validator: RecordValidator, value: bytes | None, headers: Headers, *, 
         return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error, identity_of(verdict.record))
     origin = trusted_origin(headers, here, source_topics)
     return Forward(verdict.record, verdict.encoded, [*without_origin(headers), *origin_headers(origin)],
-                   reprocessed(headers))
+                   reprocessed(headers), origin)
 
 
 # A record every version of the schema accepts (upcast as needed): run through the same path when a

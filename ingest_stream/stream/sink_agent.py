@@ -22,7 +22,7 @@ from faust.types import EventT
 from ingest_stream.config import SOURCES
 from ingest_stream.core.admission import CANARY
 from ingest_stream.core.audit import IngestAudit
-from ingest_stream.core.dlq import REPLAY_HEADER, Headers, header_value, read_origin, reprocessed
+from ingest_stream.core.dlq import REPLAY_HEADER, Headers, Position, header_value, read_origin, reprocessed
 from ingest_stream.core.guard import broken, looks_broken
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.record import Record
@@ -164,18 +164,18 @@ class SinkProcessor:
         verdict = self._validator.check(event.message.value or b"")
         if isinstance(verdict, Rejected):
             return verdict
-        return write_for(verdict.record, headers_of(event), source_topics=self._source_topics)
+        headers = headers_of(event)
+        return write_for(verdict.record, headers, read_origin(headers, topics=self._source_topics))
 
 
-def write_for(record: Record, headers: Headers, *, source_topics: Collection[str]) -> Write:
-    """The write of a validated record, its origin and redrive/replay flags read from the headers
-    the processing agent forwards it with (the same in process and through the sink topic)."""
-    origin = read_origin(headers, topics=source_topics)
+def write_for(record: Record, headers: Headers, origin: Position | None) -> Write:
+    """The write of a validated record: its origin, and the redrive/replay flags of the headers it
+    travels with (in process: the processing agent's own origin; from a sink topic: read back from
+    the headers, `read_origin`)."""
     return Write(record, may_rewrite_equal=reprocessed(headers),
                  origin_tp=f"{origin.topic}:{origin.partition}" if origin else None,
                  origin_offset=origin.offset if origin else None,
                  replayed=header_value(headers, REPLAY_HEADER) is not None)
-
 
 def _identity(write: Write) -> dict[str, str]:
     r = write.record

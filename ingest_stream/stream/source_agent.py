@@ -111,7 +111,7 @@ class SourceProcessor:
                 counted[record["tenant"], "duplicate"] += 1
                 continue
             forwarded.append(LaneRecord(
-                write_for(record, accepted.headers, source_topics=self._source_topics), event,
+                write_for(record, accepted.headers, accepted.origin), event,
                 entity_key(record["tenant"], record["id"]).encode(), accepted.encoded, accepted.headers))
             counted[record["tenant"], "forwarded"] += 1
             checkpoint = checkpoint_key(record["tenant"], self.source, event.message.partition)
