@@ -142,6 +142,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
                             metrics=metrics, producer=lambda: aiokafka_producer(app), acked=acked,
                             batch_size=settings.sink.batch_size)
              for name, processor in sink_processors.items()}
+    for lane in lanes.values():
+        lane.peers = [other for other in lanes.values() if other is not lane]
     pipeline = Pipeline(settings, metrics, topics, sinks, stalls, backpressure, audit, tables,
                         AuditTrail(settings.data_dir / ADMIN_AUDIT_FILE), lanes)
     app.pipeline = pipeline  # type: ignore[attr-defined]

@@ -78,6 +78,7 @@ class SinkLane:
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._partitions: list[int] | None = None  # the sink topic's, once known
+        self.peers: list[SinkLane] = []  # the other sinks' lanes (set by the wiring)
         self._state = metrics.sink_lane_state.labels(self.name)
         self._spilled = metrics.sink_spilled.labels(self.name)
         self._reported = self.lane.mode
@@ -136,7 +137,9 @@ class SinkLane:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                mode = self.lane.decide(sink_ok=self._sink_ok(), head_wait_s=self._head_wait(),
+                head_wait = self.head_wait()
+                behind = head_wait - min((peer.head_wait() for peer in self.peers), default=0.0)
+                mode = self.lane.decide(sink_ok=self._sink_ok(), head_wait_s=head_wait, behind_s=behind,
                                         done=self._done(), now=self._clock())
                 self._report()
                 if not self._queue or mode is LaneMode.SWITCHING:
@@ -209,7 +212,8 @@ class SinkLane:
         sink = self.processor.sink
         return sink.breaker.state(sink.now()) is CircuitState.CLOSED and not sink.busy
 
-    def _head_wait(self) -> float:
+    def head_wait(self) -> float:
+        """How long the oldest queued batch has waited (0 when none waits)."""
         return self._clock() - self._queue[0].queued_at if self._queue else 0.0
 
     def _done(self) -> dict[int, int]:

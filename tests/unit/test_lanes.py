@@ -43,6 +43,15 @@ def test_a_failing_or_slow_sink_spills() -> None:
     assert (lane.mode, lane.since) == (LaneMode.SPILLING, 3.0)
 
 
+def test_a_lane_spills_when_it_holds_the_others_back_not_when_every_lane_is_busy() -> None:
+    lane = direct_lane()
+    # A backlog: every lane's oldest batch has waited about as long; spilling would add work.
+    assert lane.decide(sink_ok=True, head_wait_s=3.0, behind_s=0.2, done={}, now=1.0) is LaneMode.DIRECT
+    # This sink is slow: the others' batches are fresh (or their lanes idle), its own waits.
+    assert lane.decide(sink_ok=True, head_wait_s=3.0, behind_s=2.5, done={}, now=1.0) is LaneMode.SPILLING
+    assert "2.5s more than the other lanes'" in lane.reason
+
+
 def test_switching_back_waits_for_what_was_spilled_to_be_written() -> None:
     lane = direct_lane()
     lane.failed("down", now=1.0)
