@@ -84,7 +84,7 @@ class SinkSettings:
     failure_policy: FailurePolicy = FailurePolicy.HOLD
     timeout_s: float = 10.0
     batch_size: int = 500
-    max_concurrent_writes: int = 3  # sink batches in flight at once, across the sinks
+    max_concurrent_writes: int = 8  # sink batches in flight at once, across the sinks (and their lanes)
 
 
 @dataclass(frozen=True, slots=True)

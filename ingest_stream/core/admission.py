@@ -22,6 +22,7 @@ from ingest_stream.core.dlq import (
     header_value,
     headers_size,
     origin_headers,
+    replayed,
     reprocessed,
     trusted_origin,
     without_origin,
@@ -38,9 +39,16 @@ class Forward:
 
     record: Record
     encoded: bytes
-    headers: Headers
+    source_headers: Headers  # as the record arrived
     reprocessed: bool  # redriven or replayed: dedupe is bypassed (contract §5)
-    origin: Position  # where it entered the pipeline (also in `headers`, for the sink topics)
+    replayed: bool  # re-sent history (replayctl): an older revision at a sink is expected
+    origin: Position  # where it entered the pipeline
+
+    @property
+    def headers(self) -> list[tuple[str, bytes]]:
+        """The headers it travels with through a sink topic: the origin as ours, not a producer's.
+        Built only for a record that goes there (a spill): in process, the fields above carry it."""
+        return [*without_origin(self.source_headers), *origin_headers(self.origin)]
 
 
 def admit(validator: RecordValidator, value: bytes | None, headers: Headers, *, here: Position,
@@ -67,8 +75,7 @@ def admit(validator: RecordValidator, value: bytes | None, headers: Headers, *, 
         error = f"$: headers are {size} bytes; the limit is {ORIGINAL_HEADERS_LIMIT_BYTES}"
         return Rejected(Reason.VALIDATION_FAIL, Stage.VALIDATE, error, identity_of(verdict.record))
     origin = trusted_origin(headers, here, source_topics)
-    return Forward(verdict.record, verdict.encoded, [*without_origin(headers), *origin_headers(origin)],
-                   reprocessed(headers), origin)
+    return Forward(verdict.record, verdict.encoded, headers, reprocessed(headers), replayed(headers), origin)
 
 
 # A record every version of the schema accepts (upcast as needed): run through the same path when a

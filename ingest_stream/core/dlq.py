@@ -125,6 +125,11 @@ def reprocessed(headers: Headers) -> bool:
     return any(k in (REDRIVE_HEADER, REPLAY_HEADER) for k, _ in headers)
 
 
+def replayed(headers: Headers) -> bool:
+    """Re-sent history (replayctl): an older revision at a sink is expected, not a failure."""
+    return any(k == REPLAY_HEADER for k, _ in headers)
+
+
 def header_value(headers: Headers, name: str) -> str | None:
     """The last value of a header, decoded (invalid UTF-8 replaced), or None."""
     value: bytes | None = None

@@ -1,12 +1,13 @@
 """A sink's lane: whether the processing agent hands it records in process or spills them to its topic.
 
-The fan-out is in process (`DIRECT`) while the sink keeps up. A sink that fails, or whose lane keeps
-a batch waiting past `max_wait_s`, **spills**: its records go to `ingest.sink.<name>`, which its
-agent drains (`SPILLING`). Per-entity order is kept by one rule: nothing is written in process
-while records of this worker's partitions wait in the sink topic. So a recovered lane first stops
-spilling and holds new batches (`SWITCHING`) until its agent has written everything up to what
-was spilled (`need`), and only then writes in process again. After a rebalance a lane starts by
-draining: what the topic holds for newly assigned partitions is not known until measured.
+The fan-out is in process (`DIRECT`) while the sink keeps up. A sink that fails, or whose lane
+keeps a batch waiting `max_wait_s` longer than the other lanes do, **spills**: its records go to
+`ingest.sink.<name>`, which its agent drains (`SPILLING`). Per-entity order is kept by one rule:
+nothing is written in process while records of this worker's partitions wait in the sink topic.
+So a recovered lane first stops spilling and holds new batches (`SWITCHING`) until its agent has
+written everything up to what was spilled (`need`), and only then writes in process again. After
+a rebalance a lane starts by draining: what the topic holds for newly assigned partitions is not
+known until measured.
 
 Pure: the wiring (stream/lanes.py) feeds it the sink's health, the wait of its oldest batch, the
 offsets spilled, and how far the sink agent has got (`done`, per sink-topic partition).
@@ -14,9 +15,12 @@ offsets spilled, and how far the sink agent has got (`done`, per sink-topic part
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class LaneMode(IntEnum):
@@ -33,7 +37,10 @@ class LaneMode(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class LanePolicy:
-    max_wait_s: float = 1.0  # a batch waiting this long for its in-process write: spill instead
+    # A lane whose oldest batch has waited this much longer than the other lanes' spills: it holds
+    # them back (their acks wait for it). In a backlog every lane's batches wait about
+    # window/rate (~2-3 s at 20,000 records in flight): below that, they would spill for nothing.
+    max_wait_s: float = 5.0
     switch_backlog: int = 500  # records left in the sink topic at which a recovered lane switches
     switch_wait_s: float = 0.5  # the longest a switching lane holds a batch; then it spills again
     switch_retry_max_s: float = 30.0  # after a failed switch, the next waits 1 s, 2 s, … up to this
@@ -133,3 +140,16 @@ class Lane:
         if mode is not self.mode:
             self.mode, self.since = mode, now
         self.reason = reason
+
+
+def shares(items: Sequence[T], *, key: Callable[[T], str], batch_size: int, parallel: int) -> list[list[T]]:
+    """`items` cut into batches written side by side: about `batch_size` each, at most `parallel`,
+    every key's items in one batch and in their order there (so per-entity order holds when the
+    batches are written at once). One batch when that is all `items` fill."""
+    n = min(parallel, -(-len(items) // batch_size))
+    if n <= 1:
+        return [list(items)]
+    batches: list[list[T]] = [[] for _ in range(n)]
+    for item in items:
+        batches[hash(key(item)) % n].append(item)
+    return [batch for batch in batches if batch]

@@ -84,7 +84,9 @@ class ServerProcess:
     stop_signal: signal.Signals = signal.SIGTERM
     process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Start and wait until ready (`timeout_s`: a server reloading much data, e.g. Typesense
+        indexing every document again after a restart, needs longer than a fresh one)."""
         if self.running:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,7 @@ class ServerProcess:
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not the servers
             )
         try:
-            wait_until(self._ready_or_dead, what=self.name)
+            wait_until(self._ready_or_dead, what=self.name, timeout_s=timeout_s)
         except DevStackError:
             self.stop()
             raise DevStackError(f"{self.name} did not start; log tail:\n{self.log_tail()}") from None

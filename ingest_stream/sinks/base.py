@@ -22,10 +22,10 @@ class Write:
     origin_tp: str | None = None  # where the record entered the pipeline: "topic:partition"
     origin_offset: int | None = None
     replayed: bool = False  # re-sent history: an older revision here is expected, not a failure
+    key: str = field(init=False, compare=False)  # the entity's: read many times per write
 
-    @property
-    def key(self) -> str:
-        return entity_key(self.record["tenant"], self.record["id"])
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", entity_key(self.record["tenant"], self.record["id"]))
 
     @property
     def revision(self) -> int:
@@ -91,6 +91,10 @@ def where(write: Write) -> str:
 
 class Sink(Protocol):
     name: str
+    # How many batches of disjoint entities the sink takes at once (the in-process lane writes that
+    # many side by side, each entity in one of them: stream/lanes.py). 1 where concurrent
+    # transactions could lock each other (Neo4j: records link to shared nodes).
+    parallel_batches: int
 
     async def open(self) -> None:
         """Connect and make sure the sink's schema exists (idempotent, safe for concurrent workers)."""

@@ -21,6 +21,7 @@ from ingest_stream.sinks.errors import Rule, classifier
 
 log = logging.getLogger(__name__)
 NAME = "postgres"
+POOL_SIZE = 4  # connections: batches written at once (`parallel_batches`)
 ERROR_RULES: Sequence[Rule] = (
     ((TimeoutError, asyncpg.QueryCanceledError), Reason.SINK_TIMEOUT),
     ((asyncpg.TooManyConnectionsError,), Reason.RATE_LIMITED),
@@ -81,6 +82,7 @@ ON CONFLICT (name) DO UPDATE SET probed_at = now()
 
 class PostgresSink:
     name = NAME
+    parallel_batches = POOL_SIZE  # a row per entity: transactions of disjoint entities never wait
 
     def __init__(self, dsn: str, *, timeout_s: float) -> None:
         self._dsn = dsn
@@ -90,7 +92,7 @@ class PostgresSink:
     async def open(self) -> None:
         with translated_errors(classify, NAME):
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=4, command_timeout=self._timeout_s,
+                self._dsn, min_size=1, max_size=POOL_SIZE, command_timeout=self._timeout_s,
                 reset=_nothing_to_reset,
             )
             async with self._pool.acquire() as conn:

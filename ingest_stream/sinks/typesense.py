@@ -110,6 +110,7 @@ class ImportRejected(ts_errors.ObjectUnprocessable):
 
 class TypesenseSink:
     name = NAME
+    parallel_batches = 4  # one document per entity; the server imports on several threads
 
     def __init__(self, url: str, *, api_key: str, timeout_s: float,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:

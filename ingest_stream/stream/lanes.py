@@ -23,9 +23,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from faust.types import TP, EventT
 
+from ingest_stream.core.admission import Forward
 from ingest_stream.core.breaker import CircuitState
-from ingest_stream.core.dlq import Headers
-from ingest_stream.core.lanes import Lane, LaneMode, LanePolicy
+from ingest_stream.core.lanes import Lane, LaneMode, LanePolicy, shares
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Write
 from ingest_stream.stream import faust_internals
@@ -45,8 +45,7 @@ class LaneRecord:
     write: Write
     event: EventT[Any]  # the source event: a dead letter is taken from it
     key: bytes
-    value: bytes  # the canonical v2 bytes
-    headers: Headers
+    forward: Forward  # what a spill sends: its canonical bytes and headers
 
     @property
     def partition(self) -> int:
@@ -71,6 +70,7 @@ class SinkLane:
         self._acked = acked  # TP -> one past the highest offset an agent acked (the sink agent's)
         self._committed: dict[int, int] = {}  # partition -> the group's committed offset, measured
         self._batch_size = batch_size
+        self._writers = max(1, processor.sink.sink.parallel_batches)
         self._clock = clock
         self.lane = Lane(policy, now=clock())
         self._queue: deque[_Part] = deque()
@@ -150,7 +150,7 @@ class SinkLane:
                         await asyncio.wait_for(self._wake.wait(), poll_s)
                     continue
                 if mode is LaneMode.DIRECT:
-                    taken = self._take(self._batch_size)
+                    taken = self._take(self._batch_size * self._writers)
                     await self._write(taken)
                 else:
                     taken = self._take(None)
@@ -178,8 +178,17 @@ class SinkLane:
         return parts
 
     async def _write(self, parts: list[_Part]) -> None:
+        """Write the parts' records in process: in up to `parallel_batches` batches side by side,
+        each entity's records in one of them (entity order holds), all settled before the next.
+        What an outage left unwritten is spilled, in order."""
         records = [r for part in parts for r in part.records]
-        unwritten = await self.processor.write_direct([(r.write, r.event) for r in records])
+        batches = shares(records, key=_entity, batch_size=self._batch_size, parallel=self._writers)
+        results = await asyncio.gather(*(self.processor.write_direct([(r.write, r.event) for r in batch])
+                                         for batch in batches), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        unwritten = [w for result in results if not isinstance(result, BaseException) for w in result]
         if unwritten:
             error = self.processor.sink.last_error
             self.lane.failed(str(error) if error else "sink down", now=self._clock())
@@ -196,7 +205,8 @@ class SinkLane:
         partitions = await self._sink_partitions(producer)
         for record in records:
             partition = record.partition if record.partition in partitions else None
-            await batches.add(self.topic, record.key, record.value, record.headers, partition=partition)
+            forward = record.forward
+            await batches.add(self.topic, record.key, forward.encoded, forward.headers, partition=partition)
         sent = await batches.send()
         for batch in sent:
             self.lane.spilled(batch.partition, await batch.last_offset() + 1)
@@ -232,6 +242,10 @@ class SinkLane:
                         self.lane.reason)
             self._reported = mode
             self._state.set(mode)
+
+
+def _entity(record: LaneRecord) -> str:
+    return record.write.key
 
 
 def _settle(parts: list[_Part]) -> None:

@@ -22,7 +22,7 @@ from faust.types import EventT
 from ingest_stream.config import SOURCES
 from ingest_stream.core.admission import CANARY
 from ingest_stream.core.audit import IngestAudit
-from ingest_stream.core.dlq import REPLAY_HEADER, Headers, Position, header_value, read_origin, reprocessed
+from ingest_stream.core.dlq import Position, read_origin, replayed, reprocessed
 from ingest_stream.core.guard import broken, looks_broken
 from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.record import Record
@@ -165,17 +165,17 @@ class SinkProcessor:
         if isinstance(verdict, Rejected):
             return verdict
         headers = headers_of(event)
-        return write_for(verdict.record, headers, read_origin(headers, topics=self._source_topics))
+        return write_for(verdict.record, read_origin(headers, topics=self._source_topics),
+                         may_rewrite_equal=reprocessed(headers), replayed=replayed(headers))
 
 
-def write_for(record: Record, headers: Headers, origin: Position | None) -> Write:
-    """The write of a validated record: its origin, and the redrive/replay flags of the headers it
-    travels with (in process: the processing agent's own origin; from a sink topic: read back from
-    the headers, `read_origin`)."""
-    return Write(record, may_rewrite_equal=reprocessed(headers),
+def write_for(record: Record, origin: Position | None, *, may_rewrite_equal: bool, replayed: bool) -> Write:
+    """The write of a validated record: its origin, and whether it was redriven or replayed (in
+    process: what the processing agent established, `Forward`; from a sink topic: read back from
+    the headers it travels with, `_write_of`)."""
+    return Write(record, may_rewrite_equal=may_rewrite_equal,
                  origin_tp=f"{origin.topic}:{origin.partition}" if origin else None,
-                 origin_offset=origin.offset if origin else None,
-                 replayed=header_value(headers, REPLAY_HEADER) is not None)
+                 origin_offset=origin.offset if origin else None, replayed=replayed)
 
 def _identity(write: Write) -> dict[str, str]:
     r = write.record

@@ -111,8 +111,9 @@ class SourceProcessor:
                 counted[record["tenant"], "duplicate"] += 1
                 continue
             forwarded.append(LaneRecord(
-                write_for(record, accepted.headers, accepted.origin), event,
-                entity_key(record["tenant"], record["id"]).encode(), accepted.encoded, accepted.headers))
+                write_for(record, accepted.origin, may_rewrite_equal=accepted.reprocessed,
+                          replayed=accepted.replayed),
+                event, entity_key(record["tenant"], record["id"]).encode(), accepted))
             counted[record["tenant"], "forwarded"] += 1
             checkpoint = checkpoint_key(record["tenant"], self.source, event.message.partition)
             previous = checkpoints.get(checkpoint)

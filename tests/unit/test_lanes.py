@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ingest_stream.core.lanes import Lane, LaneMode, LanePolicy
+from ingest_stream.core.lanes import Lane, LaneMode, LanePolicy, shares
 
 POLICY = LanePolicy(max_wait_s=2.0, switch_backlog=100)
 
@@ -136,3 +136,21 @@ def test_a_policy_that_cannot_work_is_refused(policy: dict[str, float]) -> None:
 def test_mode_values_are_the_gauge() -> None:
     assert [int(m) for m in LaneMode] == [0, 1, 2]
     assert LaneMode.SWITCHING.label == "switching"
+
+
+def test_shares_keep_each_entity_in_one_batch_in_order() -> None:
+    items = [(f"t:{i % 7}", n) for n, i in enumerate(range(40))]  # 7 entities, several writes each
+    batches = shares(items, key=lambda item: item[0], batch_size=10, parallel=4)
+    assert 1 < len(batches) <= 4
+    assert sorted(item for batch in batches for item in batch) == sorted(items)  # nothing lost or doubled
+    for entity in {key for key, _ in items}:
+        holding = [batch for batch in batches if any(key == entity for key, _ in batch)]
+        assert len(holding) == 1
+        assert [n for key, n in holding[0] if key == entity] == [n for key, n in items if key == entity]
+
+
+def test_shares_write_a_small_batch_whole() -> None:
+    items = [(f"t:{i}", i) for i in range(10)]
+    assert shares(items, key=lambda item: item[0], batch_size=10, parallel=4) == [items]
+    assert shares(items, key=lambda item: item[0], batch_size=3, parallel=1) == [items]
+    assert shares([], key=lambda item: item[0], batch_size=3, parallel=4) == [[]]
