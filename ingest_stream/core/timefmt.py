@@ -16,7 +16,7 @@ def parse_rfc3339(text: str) -> datetime:
     """Parse an RFC 3339 date-time (calendar-checked) into an aware datetime; ValueError if not one.
 
     Cached: one record's times are parsed by the validator, the checkpoints, every sink's lag
-    metric and its write in the same worker (datetimes are immutable). Up to 20,000 records are in
+    metric and its write in the same worker (datetimes are immutable). Up to 10,000 records are in
     flight between the first parse and the last (stream/app.py): the cache holds more (~6 MiB)."""
     match = _RFC3339.match(text)
     if match is None:

@@ -52,10 +52,12 @@ from ingest_stream.stream.webhook import install_webhook
 log = logging.getLogger(__name__)
 # Records of batches whose sink writes may run while an agent handles the next ones (its memory
 # bound). Acks are in order, so a slow sink's lane holds the oldest batch; the window lets the other
-# lanes go on meanwhile, until the slow one spills (INGEST_SINK_LANE_MAX_WAIT_S): it should hold
-# more than that long of input. With 4 batches, a Typesense answering at a fifth of its speed held
-# Postgres's p50 latency at 15 s; with 32 (~1.6 s of input), at 0.17 s but its p95 at 1.9 s.
-IN_FLIGHT_RECORDS = 20_000
+# lanes go on meanwhile, until the slow one spills (INGEST_SINK_LANE_MAX_WAIT_S). In a backlog
+# every lane's oldest batch waits about window/rate, which must stay below that bound or every lane
+# spills for nothing (20,000 records did, at 1 s). With 4 batches, a Typesense answering at a
+# fifth of its speed held Postgres's p50 latency at 15 s; with this window and a 2 s bound, 0.16 s
+# (p95 1.7 s): docs/design.md.
+IN_FLIGHT_RECORDS = 10_000
 # Handles a batch; may return what is left before the batch may be acked (waiting on the broker),
 # which the agent overlaps with the next batch.
 BatchHandler = Callable[[list[EventT[Any]]], Awaitable[Awaitable[None] | None]]
