@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import warnings
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-import asyncssh
-
 from ingest_stream.core.files import SftpLocation
 from ingest_stream.sources.feeder import FileFeeder, ProduceFailed, location_health
+
+# cryptography 51 deprecates DSA and asyncssh 2.24.1 (the newest) names its types at import: a
+# warning in every worker's log that no operator can act on. We never offer DSA keys.
+warnings.filterwarnings("ignore", message="DSA is deprecated", module="asyncssh")
+import asyncssh  # noqa: E402
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 1024
