@@ -279,7 +279,8 @@ def test_a_down_sink_spills_without_driving_backpressure(
         INGEST_SINK_TIMEOUT_S="1", INGEST_SINK_RETRY_CAP_S="0.5", INGEST_BREAKER_OPEN_S="1")
     worker.start()
     for sink in ("postgres", "neo4j", "typesense"):  # assigned and measured: no start-up lag counts
-        eventually(lambda: _assert_lane_direct(worker, sink), timeout_s=60, context=worker.log_tail)
+        eventually(lambda sink=sink: _assert_lane_direct(worker, sink), timeout_s=60,
+                   context=worker.log_tail)
     with stack.server_paused("typesense"):
         kafka.produce(source, records(tenant, 30))
         eventually(lambda: _assert_rows(sinks, tenant, 30), timeout_s=60, context=worker.log_tail)
