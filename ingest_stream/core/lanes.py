@@ -1,16 +1,17 @@
 """A sink's lane: whether the processing agent hands it records in process or spills them to its topic.
 
 The fan-out is in process (`DIRECT`) while the sink keeps up. A sink that fails, or whose lane
-keeps a batch waiting `max_wait_s` longer than the other lanes do, **spills**: its records go to
-`ingest.sink.<name>`, which its agent drains (`SPILLING`). Per-entity order is kept by one rule:
-nothing is written in process while records of this worker's partitions wait in the sink topic.
-So a recovered lane first stops spilling and holds new batches (`SWITCHING`) until its agent has
-written everything up to what was spilled (`need`), and only then writes in process again. After
-a rebalance a lane starts by draining: what the topic holds for newly assigned partitions is not
-known until measured.
+keeps a batch waiting `max_wait_s` longer than the other lanes do while the worker has CPU to
+spare, **spills**: its records go to `ingest.sink.<name>`, which its agent drains (`SPILLING`).
+Per-entity order is kept by one rule: nothing is written in process while records of this
+worker's partitions wait in the sink topic. So a recovered lane first stops spilling and holds new
+batches (`SWITCHING`) until its agent has written everything up to what was spilled (`need`), and
+only then writes in process again. After a rebalance a lane starts by draining: what the topic
+holds for newly assigned partitions is not known until measured.
 
 Pure: the wiring (stream/lanes.py) feeds it the sink's health, the wait of its oldest batch, the
-offsets spilled, and how far the sink agent has got (`done`, per sink-topic partition).
+worker's CPU use, the offsets spilled, and how far the sink agent has got (`done`, per sink-topic
+partition).
 """
 
 from __future__ import annotations
@@ -42,14 +43,21 @@ class LanePolicy:
     # window/rate (~1.3 s at 10,000 records in flight and 7,500/s): below that, they would spill
     # for nothing, and the spill's round trip through the broker costs more than it frees.
     max_wait_s: float = 2.0
+    # ... and only while the worker has CPU to spare (cores busy, all its threads, below this). A
+    # spill moves the sink's work to its topic: a produce, a consume and a check more per record, on
+    # this same worker. A sink slow on its own leaves the worker waiting (0.37 of a core busy with
+    # Typesense frozen 0.4 s of every 0.5); a worker busy at ~0.85 is CPU-bound, its slowest lane
+    # the pace of a backlog, and spilling it slowed every sink (stage (c) 4,564 -> 2,951 records/s).
+    spill_busy_max: float = 0.75
     switch_backlog: int = 500  # records left in the sink topic at which a recovered lane switches
     switch_wait_s: float = 0.5  # the longest a switching lane holds a batch; then it spills again
     switch_retry_max_s: float = 30.0  # after a failed switch, the next waits 1 s, 2 s, … up to this
 
     def __post_init__(self) -> None:
-        if min(self.max_wait_s, self.switch_wait_s, self.switch_retry_max_s) <= 0 or self.switch_backlog < 0:
-            raise ValueError("max_wait_s, switch_wait_s and switch_retry_max_s must be positive and "
-                             "switch_backlog not negative")
+        if (min(self.max_wait_s, self.switch_wait_s, self.switch_retry_max_s, self.spill_busy_max) <= 0
+                or self.switch_backlog < 0):
+            raise ValueError("max_wait_s, switch_wait_s, switch_retry_max_s and spill_busy_max must be "
+                             "positive and switch_backlog not negative")
 
 
 class Lane:
@@ -102,21 +110,23 @@ class Lane:
         self._move(LaneMode.SPILLING, f"sink failed: {error}", now)
 
     def decide(self, *, sink_ok: bool, head_wait_s: float, done: Mapping[int, int], now: float,
-               behind_s: float | None = None) -> LaneMode:
+               behind_s: float | None = None, busy: float = 0.0) -> LaneMode:
         """The mode for the lane's oldest batch (`head_wait_s`: how long it has waited, 0 if none).
 
         `behind_s`: how much longer it has waited than the other lanes' oldest batches (idle lanes
         count 0; the default: `head_wait_s`). A slow sink spills when it holds the others back, not
         when every lane is busy: in a backlog all lanes wait alike, and spilling would only add the
-        sink topic's round trip to the work (it did: 227 µs per record against 108)."""
+        sink topic's round trip to the work (it did: 227 µs per record against 108). `busy`: the
+        worker's CPU use in cores, lately; at `spill_busy_max` or more, slowness spills nothing."""
         behind = head_wait_s if behind_s is None else behind_s
         mode = self.mode
         if mode is LaneMode.DIRECT:
             if not sink_ok:
                 self._move(LaneMode.SPILLING, "sink not answering (circuit or retries)", now)
-            elif behind > self.policy.max_wait_s:
+            elif behind > self.policy.max_wait_s and busy < self.policy.spill_busy_max:
                 self._move(LaneMode.SPILLING, f"a batch waited {head_wait_s:.1f}s for the sink, "
-                                              f"{behind:.1f}s more than the other lanes'", now)
+                                              f"{behind:.1f}s more than the other lanes' (worker "
+                                              f"{busy:.2f} of a core busy)", now)
             return self.mode
         backlog = self.backlog(done)
         if mode is LaneMode.SPILLING:
@@ -141,6 +151,25 @@ class Lane:
         if mode is not self.mode:
             self.mode, self.since = mode, now
         self.reason = reason
+
+
+class CpuShare:
+    """The worker process's CPU use in cores (`cpu`: its CPU seconds, every thread: the event loop
+    and Faust's consumer thread), over the last `window_s` or a little more; 0 until the first
+    window has passed."""
+
+    def __init__(self, window_s: float, *, clock: Callable[[], float], cpu: Callable[[], float]) -> None:
+        self._window_s, self._clock, self._cpu = window_s, clock, cpu
+        self._since, self._used = clock(), cpu()
+        self._share = 0.0
+
+    def share(self) -> float:
+        now = self._clock()
+        if now - self._since >= self._window_s:
+            used = self._cpu()
+            self._share = (used - self._used) / (now - self._since)
+            self._since, self._used = now, used
+        return self._share
 
 
 def shares(items: Sequence[T], *, key: Callable[[T], str], batch_size: int, parallel: int) -> list[list[T]]:

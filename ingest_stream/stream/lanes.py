@@ -25,7 +25,7 @@ from faust.types import TP, EventT
 
 from ingest_stream.core.admission import Forward
 from ingest_stream.core.breaker import CircuitState
-from ingest_stream.core.lanes import Lane, LaneMode, LanePolicy, shares
+from ingest_stream.core.lanes import CpuShare, Lane, LaneMode, LanePolicy, shares
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Write
 from ingest_stream.stream import faust_internals
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SWITCH_POLL_S = 0.02  # how often a switching lane looks whether the sink agent has drained its topic
 IDLE_POLL_S = 0.5  # how often an idle lane that is not in process looks whether it may be again
+CPU_WINDOW_S = 2.0  # the worker's CPU use a slow lane's spill looks at: over this long (core/lanes.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,7 @@ class SinkLane:
         self._batch_size = batch_size
         self._writers = max(1, processor.sink.sink.parallel_batches)
         self._clock = clock
+        self._cpu = CpuShare(CPU_WINDOW_S, clock=clock, cpu=time.process_time)
         self.lane = Lane(policy, now=clock())
         self._queue: deque[_Part] = deque()
         self._wake = asyncio.Event()
@@ -140,7 +142,7 @@ class SinkLane:
                 head_wait = self.head_wait()
                 behind = head_wait - min((peer.head_wait() for peer in self.peers), default=0.0)
                 mode = self.lane.decide(sink_ok=self._sink_ok(), head_wait_s=head_wait, behind_s=behind,
-                                        done=self._done(), now=self._clock())
+                                        busy=self._cpu.share(), done=self._done(), now=self._clock())
                 self._report()
                 if not self._queue or mode is LaneMode.SWITCHING:
                     # Idle, or holding while the sink agent writes the last spills: look again soon.

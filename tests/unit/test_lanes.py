@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ingest_stream.core.lanes import Lane, LaneMode, LanePolicy, shares
+from ingest_stream.core.lanes import CpuShare, Lane, LaneMode, LanePolicy, shares
 
 POLICY = LanePolicy(max_wait_s=2.0, switch_backlog=100)
 
@@ -50,6 +50,36 @@ def test_a_lane_spills_when_it_holds_the_others_back_not_when_every_lane_is_busy
     # This sink is slow: the others' batches are fresh (or their lanes idle), its own waits.
     assert lane.decide(sink_ok=True, head_wait_s=3.0, behind_s=2.5, done={}, now=1.0) is LaneMode.SPILLING
     assert "2.5s more than the other lanes'" in lane.reason
+
+
+def test_a_slow_lane_stays_in_process_while_the_worker_has_no_cpu_to_spare() -> None:
+    # CPU-bound (a backlog): the slowest lane is the pace, and a spill's extra produce, consume and
+    # check would run on the same busy worker.
+    lane = direct_lane()
+    busy = LanePolicy().spill_busy_max
+    assert lane.decide(sink_ok=True, head_wait_s=3.0, behind_s=2.5, busy=busy, done={}, now=1.0) \
+        is LaneMode.DIRECT
+    # The worker waits on the slow sink: spilling lets the other sinks go on.
+    assert lane.decide(sink_ok=True, head_wait_s=3.0, behind_s=2.5, busy=busy - 0.1, done={}, now=1.0) \
+        is LaneMode.SPILLING
+    assert "of a core busy" in lane.reason
+    # A failing sink spills however busy the worker is: its records cannot wait in process.
+    lane = direct_lane()
+    assert lane.decide(sink_ok=False, head_wait_s=0.0, busy=2.0, done={}, now=1.0) is LaneMode.SPILLING
+
+
+def test_cpu_share_is_the_process_cpu_per_wall_second_over_each_window() -> None:
+    clock, cpu = [0.0], [10.0]
+    share = CpuShare(2.0, clock=lambda: clock[0], cpu=lambda: cpu[0])
+    assert share.share() == 0.0  # no window has passed yet
+    clock[0], cpu[0] = 1.0, 10.9
+    assert share.share() == 0.0  # still within the first window
+    clock[0], cpu[0] = 2.5, 12.0
+    assert share.share() == 2.0 / 2.5
+    clock[0], cpu[0] = 3.0, 13.0
+    assert share.share() == 2.0 / 2.5  # kept until the next window ends
+    clock[0], cpu[0] = 4.5, 13.0
+    assert share.share() == 1.0 / 2.0
 
 
 def test_switching_back_waits_for_what_was_spilled_to_be_written() -> None:
