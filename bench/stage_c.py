@@ -1,0 +1,41 @@
+"""`python -m bench.stage_c [--records N] [--sinks ...]`: stage (c) of `bench.run` alone, on a fresh
+embedded stack, and how each sink's lane moved.
+
+For A/B runs of one change (a minute each at 100,000 records, against `make bench`'s forty): one
+worker on a prefilled topic, timed as `bench.run` times (c); then every lane change the worker
+logged (a lane that spills in a backlog shows here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+
+from bench.run import IngestStages, prepare_sinks, summarize
+from ingest_stream.config import Settings
+from ingest_stream.ops.devstack import DevStack
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--sinks", default="postgres,typesense")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ingest-stage-c-"))
+    with DevStack(work / "stack") as stack:
+        settings = Settings.from_env({**stack.settings_env(), "INGEST_SINKS": args.sinks})
+        asyncio.run(prepare_sinks(settings, list(settings.sinks)))
+        stage = IngestStages(stack, settings, work, args.sinks).throughput("bench", args.records, 1)
+    print(summarize("ingest_stream end to end", args.records, stage))
+    for log in sorted(work.glob("bench-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if " lane " in line and " -> " in line:
+                print(line.strip())
+    print(f"worker log and servers' data: {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
