@@ -18,17 +18,43 @@ def direct_lane(partitions: tuple[int, ...] = (0, 1)) -> Lane:
     return lane
 
 
-def test_a_lane_spills_until_it_has_been_assigned_and_measured() -> None:
+def test_a_lane_holds_new_batches_until_it_has_been_assigned_and_measured() -> None:
     lane = Lane(POLICY, now=0.0)
-    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=1.0) is LaneMode.SPILLING
+    assert lane.mode is LaneMode.SPILLING  # nothing known: nothing may be written in process
     lane.assign([0, 1], now=1.0)
     assert lane.backlog({}) is None
-    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=1.0) is LaneMode.SPILLING
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=1.0) is LaneMode.SWITCHING
+    assert "not measured yet" in lane.reason
     lane.measured({0: 5})  # partition 1 not measured yet
-    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 5}, now=1.0) is LaneMode.SPILLING
+    assert lane.decide(sink_ok=True, head_wait_s=1.0, done={0: 5}, now=2.0) is LaneMode.SWITCHING
     lane.measured({1: 3})
-    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 5}, now=1.0) is LaneMode.SWITCHING
-    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 5, 1: 3}, now=1.0) is LaneMode.DIRECT
+    assert lane.decide(sink_ok=True, head_wait_s=1.1, done={0: 5}, now=2.1) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=1.2, done={0: 5, 1: 3}, now=2.2) is LaneMode.DIRECT
+
+
+def test_a_lane_not_measured_in_time_spills_and_one_measured_with_a_backlog_drains_it() -> None:
+    lane = Lane(POLICY, now=0.0)
+    lane.assign([0], now=0.0)
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=0.0) is LaneMode.SWITCHING
+    # The measurement is late (the broker): after max_wait_s the held batch spills, and holding is
+    # tried again later, as after any failed switch.
+    assert lane.decide(sink_ok=True, head_wait_s=1.9, done={}, now=1.9) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=2.1, done={}, now=2.1) is LaneMode.SPILLING
+    assert "next try in 1s" in lane.reason
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=2.5) is LaneMode.SPILLING
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=3.2) is LaneMode.SWITCHING
+    # Measured: more than a switch may wait for. Spill at once and drain it, no hold.
+    lane.measured({0: 1000})
+    assert lane.decide(sink_ok=True, head_wait_s=0.1, done={}, now=3.3) is LaneMode.SPILLING
+    assert "1000 record(s) in its topic" in lane.reason
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 950}, now=3.4) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 1000}, now=3.5) is LaneMode.DIRECT
+
+
+def test_a_lane_whose_sink_is_down_spills_without_holding_for_a_measurement() -> None:
+    lane = Lane(POLICY, now=0.0)
+    lane.assign([0], now=0.0)
+    assert lane.decide(sink_ok=False, head_wait_s=0, done={}, now=0.0) is LaneMode.SPILLING
 
 
 def test_a_failing_or_slow_sink_spills() -> None:
@@ -109,6 +135,16 @@ def test_a_switch_that_takes_too_long_or_meets_a_failure_spills_again() -> None:
     assert lane.decide(sink_ok=False, head_wait_s=0, done={0: 10}, now=4.7) is LaneMode.SPILLING
 
 
+def test_a_switch_counts_only_the_hold_it_made() -> None:
+    """A batch that had waited in the queue before the switch began still gets the whole hold."""
+    lane = direct_lane()
+    lane.failed("down", now=1.0)
+    lane.spilled(0, 50)
+    assert lane.decide(sink_ok=True, head_wait_s=0.9, done={}, now=2.0) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=1.3, done={0: 10}, now=2.4) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=1.5, done={0: 10}, now=2.6) is LaneMode.SPILLING
+
+
 def test_a_failed_switch_is_retried_later_and_later() -> None:
     """Each hold stops every lane's batches behind it: a sink agent that drains too slowly for a
     switch is not made to try again at once."""
@@ -118,8 +154,8 @@ def test_a_failed_switch_is_retried_later_and_later() -> None:
     now, waits = 0.0, []
     for _ in range(7):
         assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=now) is LaneMode.SWITCHING
-        assert lane.decide(sink_ok=True, head_wait_s=0.6, done={}, now=now) is LaneMode.SPILLING
-        tried_at, now = now, now + 0.1
+        assert lane.decide(sink_ok=True, head_wait_s=0.6, done={}, now=now + 0.6) is LaneMode.SPILLING
+        tried_at, now = now + 0.6, now + 0.7
         while lane.decide(sink_ok=True, head_wait_s=0, done={}, now=now) is LaneMode.SPILLING:
             now += 0.1
         waits.append(round(now - tried_at))
