@@ -24,7 +24,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
-from faust.types import TP
+from faust.types import TP, AppT
 
 # --- tables ---------------------------------------------------------------------------------------
 
@@ -135,6 +135,24 @@ def committed_offset(consumer: Any, tp: TP) -> int | None:
     the committer cannot pass): the stall watchdog watches it."""
     offset: int | None = consumer._committed_offset.get(tp)
     return offset
+
+
+def stream_channel_for(app: AppT, tp: TP) -> tuple[Any, Any] | None:
+    """The conductor's handler for `tp` and the one channel (an agent's stream) it delivers to, or
+    None where the conductor must deliver itself: its index is being rebuilt (`_tp_to_callback_lock`
+    held: a resubscription), `tp` has no handler, the handler is not Faust's compiled
+    `ConductorHandler` (its `channels`, `on_pressure_high`, `on_pressure_drop`), or it delivers to
+    no channel or to several. The drain loop then puts `tp`'s events straight into that channel's
+    queue, as the handler would (`BatchDrainConsumer._deliver`)."""
+    conductor: Any = app.topics
+    if conductor._tp_to_callback_lock.locked():
+        return None
+    handler = conductor._tp_to_callback.get(tp)
+    channels = getattr(handler, "channels", None)
+    if channels is None or len(channels) != 1 or not hasattr(handler, "on_pressure_drop"):
+        return None
+    (channel,) = channels
+    return handler, channel
 
 
 async def pause_in_client(consumer: Any, held: Collection[str]) -> None:

@@ -8,14 +8,15 @@ the seek counts it was fetched under."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from aiokafka.structs import ConsumerRecord
 from faust.types import TP
-from faust.types.tuples import ConsumerMessage
 
 from ingest_stream.stream.consumer_batches import IngestApp, Seek, StreamFlowControl
+from ingest_stream.stream.topics import RawBytesSchema
 
 SRC = TP("src", 0)
 
@@ -31,18 +32,20 @@ async def consumer() -> Any:  # made inside the running loop: Faust's services b
 
     consumer.callback = record
     consumer.delivered = delivered
+    consumer.highwater = lambda tp: 0  # no broker: the fetch's end offset is only monitored
     app.flow_control.resume()  # the streams run (Faust's flow control starts suspended)
     return consumer
 
 
+def _records(tp: TP, offsets: range) -> list[ConsumerRecord[bytes, bytes]]:
+    return [ConsumerRecord(tp.topic, tp.partition, offset, 0, 0, None, b"v", None, 0, 1, ())
+            for offset in offsets]
+
+
 async def _deliver(consumer: Any, offsets: range, *, fetched_under: int) -> None:
     """One fetch of `offsets` from SRC, fetched when SRC had been seeked `fetched_under` times."""
-    async def fetch() -> AsyncIterator[tuple[TP, Any]]:
-        for offset in offsets:
-            yield SRC, ConsumerMessage("src", 0, offset, 0.0, None, None, b"v", None, None)
-
     consumer._fetch_seek_counts = {SRC: fetched_under}
-    await consumer._deliver(fetch())
+    await consumer._deliver({SRC: _records(SRC, offsets)}, None)
 
 
 def _seek(consumer: Any, offset: int) -> None:
@@ -172,3 +175,65 @@ async def test_resumes_leave_the_held_topics_paused(consumer: Any) -> None:
     consumer.resume_partitions([held, other])
     assert consumer._paused_partitions == {held}
     assert consumer._get_active_partitions() == {other}
+
+
+def _stream_of(topic: Any) -> Any:
+    """The channel an agent's stream reads (`aiter(topic)`: a clone the conductor delivers to)."""
+    return topic.clone(is_iterator=True)
+
+
+async def _read_by(consumer: Any, *channels: Any) -> None:
+    """Register `channels` as the streams reading SRC, as the conductor does on an assignment."""
+    for channel in channels:
+        consumer.app.topics.add(channel)
+    await consumer.app.topics.on_partitions_assigned({SRC})
+
+
+async def test_a_raw_bytes_stream_gets_its_events_straight_into_its_queue(consumer: Any) -> None:
+    """The fetch bypasses the conductor's per-message path; each event holds a reference on its
+    message (the stream's ack releases it), exactly as the conductor would leave it."""
+    channel = _stream_of(consumer.app.topic("src", schema=RawBytesSchema()))
+    await _read_by(consumer, channel)
+    await _deliver(consumer, range(5, 9), fetched_under=0)
+    events = [channel.queue.get_nowait() for _ in range(channel.queue.qsize())]
+    assert [(e.message.offset, e.value, e.message.refcount) for e in events] == [
+        (5, b"v", 1), (6, b"v", 1), (7, b"v", 1), (8, b"v", 1)]
+    assert consumer.delivered == [], "not through the conductor"
+    assert consumer._read_offset[SRC] == 8
+
+
+async def test_a_partition_read_by_two_streams_goes_through_the_conductor(consumer: Any) -> None:
+    first = _stream_of(consumer.app.topic("src", schema=RawBytesSchema()))
+    second = _stream_of(consumer.app.topic("src", schema=RawBytesSchema()))
+    await _read_by(consumer, first, second)
+    await _deliver(consumer, range(0, 3), fetched_under=0)
+    assert consumer.delivered == [0, 1, 2]
+    assert first.queue.empty() and second.queue.empty()
+
+
+async def test_a_stream_that_decodes_its_own_way_goes_through_the_conductor(consumer: Any) -> None:
+    await _read_by(consumer, _stream_of(consumer.app.topic("src", value_type=str)))
+    await _deliver(consumer, range(0, 3), fetched_under=0)
+    assert consumer.delivered == [0, 1, 2]
+
+
+async def test_a_full_stream_queue_holds_the_fetch_until_there_is_room(consumer: Any) -> None:
+    app = consumer.app  # (`App.topic` drops its `maxsize`)
+    channel = _stream_of(app.conf.Topic(app, topics=["src"], schema=RawBytesSchema(), maxsize=2))
+    await _read_by(consumer, channel)
+    delivering = asyncio.ensure_future(_deliver(consumer, range(0, 4), fetched_under=0))
+    await _until(lambda: channel.queue.full())
+    read = [channel.queue.get_nowait().message.offset]
+    await _until(lambda: channel.queue.full())
+    assert not delivering.done(), "the fourth record has no room yet"
+    while not delivering.done() or not channel.queue.empty():
+        read.append((await asyncio.wait_for(channel.queue.get(), 5)).message.offset)
+    assert read == [0, 1, 2, 3]
+
+
+async def _until(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + deadline_s
+    while not condition():
+        assert loop.time() < give_up, "condition not met in time"
+        await asyncio.sleep(0.001)
