@@ -51,7 +51,7 @@ lint: setup  ## ruff
 typecheck: setup  ## mypy (strict on core/)
 	$(VENV)/bin/mypy ingest_stream
 
-BENCH_ARGS ?= --records 100000 --sinks postgres,typesense --two-workers --latency-seconds 30 --soak-seconds 600 --outage typesense:60
+BENCH_ARGS ?= --records 100000 --sinks postgres,typesense --two-workers --latency-seconds 30 --soak-seconds 600 --soak-rate 1500 --outage typesense:60
 
 bench: setup  ## throughput, latency, a 10-minute soak, Typesense down 60 s (~40 min): bench/results/*.json
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -1,5 +1,5 @@
-"""`python -m bench.run [--records N] [--sinks ...] [--two-workers] [--latency-seconds S] [--soak-seconds S]
-[--outage SINK:SECONDS [--outage-rate R] [--outage-window S]] [--only outage]`.
+"""`python -m bench.run [--records N] [--sinks ...] [--two-workers] [--latency-seconds S] [--soak-seconds S
+[--soak-rate R]] [--outage SINK:SECONDS [--outage-rate R] [--outage-window S]] [--only outage]`.
 
 Stages on one embedded broker, one after another, each on a prefilled topic of N synthetic records
 (~320 bytes, one revision per entity): (a) the raw aiokafka pipeline (bench/raw.py), (a') the same
@@ -12,7 +12,8 @@ dedupe → each sink's lane, in process or spilled to its sink topic → sinks c
 (c2) the same with two worker processes.
 Timing starts when a stage is consuming (Faust: "Worker ready") and ends when its consumer group
 has committed every record. Then a paced run at 80 % of (c)'s rate measures source-to-sink latency,
-and optionally a soak at 50 % samples the worker's memory. Writes bench/results/<timestamp>.json.
+and optionally a soak at `--soak-rate` (default 50 % of (c)'s rate) samples the worker's memory.
+Writes bench/results/<timestamp>.json.
 
 `--outage SINK:SECONDS` adds stage (o), last: one worker on its own prefix and tenants (`benchout-*`),
 records stamped and paced at `--outage-rate` (default 50 % of (c)'s rate) for 10 s of warm-up, a
@@ -622,7 +623,7 @@ def throughput_stages(args: argparse.Namespace, stack: DevStack, settings: Setti
         print(latency, file=sys.stderr)
     soak = None
     if args.soak_seconds:
-        rate = 0.5 * stages["c_ingest_stream"]["records_per_s"]
+        rate = args.soak_rate or 0.5 * stages["c_ingest_stream"]["records_per_s"]
         soak = paced_stage(rate, lambda: ingest.soak("benchsoak", rate, args.soak_seconds))
         print(soak, file=sys.stderr)
     return stages, latency, soak
@@ -657,7 +658,10 @@ def main() -> int:
     parser.add_argument("--latency-seconds", type=float, default=20,
                         help="paced run at 80%% of (c)'s rate for this long; 0 skips it")
     parser.add_argument("--soak-seconds", type=float, default=0,
-                        help="memory soak: a paced run at 50%% of (c)'s rate for this long (600 = 10 min)")
+                        help="memory soak: a paced run at --soak-rate for this long (600 = 10 min)")
+    parser.add_argument("--soak-rate", type=float, metavar="RECORDS_PER_S",
+                        help="records/s of the soak (default: 50%% of (c)'s rate; a rate the servers "
+                             "sustain for the whole soak, since it measures memory, not speed)")
     parser.add_argument("--outage", type=outage.parse_outage, metavar="SINK:SECONDS",
                         help="stage (o): a paced run during which SINK's server is down for SECONDS "
                              "(e.g. typesense:60); SINK must be one of --sinks")
@@ -675,11 +679,13 @@ def main() -> int:
     if args.only == "outage" and not (args.outage and args.outage_rate):
         parser.error("--only outage needs --outage SINK:SECONDS and --outage-rate (no stage (c) to take "
                      "50 % of)")
-    for name in ("outage_rate", "outage_window"):
+    for name in ("outage_rate", "outage_window", "soak_rate"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if (args.outage_rate or args.outage_window) and not args.outage:
         parser.error("--outage-rate and --outage-window need --outage SINK:SECONDS")
+    if args.soak_rate and not args.soak_seconds:
+        parser.error("--soak-rate needs --soak-seconds")
     n = args.records
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     stages: dict[str, dict[str, Any]] = {}
