@@ -254,6 +254,8 @@ class BatchDrainConsumer(faust_aiokafka.Consumer):
             if queue is None:
                 await callback(message)
             else:
+                if not flow_control.is_active():  # as the conductor, whether the topic acks or not
+                    await flow_control.acquire()
                 waiting = queue.put(message)
                 if waiting is not None:
                     await queue.put_when_room(waiting)
