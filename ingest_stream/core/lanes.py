@@ -109,8 +109,11 @@ class Lane:
         return sum(max(0, need - done.get(p, 0)) for p, need in self.need.items())
 
     def failed(self, error: str, *, now: float) -> None:
-        """An in-process write met an outage: what it did not write spills, and so does what follows."""
+        """An in-process write met an outage: what it did not write spills, and so does what follows.
+        No switch back is tried for a while (the wait a failed switch would leave, 1 s at first):
+        one failure leaves the breaker closed, and a switch at once held new batches for nothing."""
         self._move(LaneMode.SPILLING, f"sink failed: {error}", now)
+        self._switch_not_before = max(self._switch_not_before, now + self._switch_retry_s)
 
     def decide(self, *, sink_ok: bool, head_wait_s: float, done: Mapping[int, int], now: float,
                behind_s: float | None = None, busy: float = 0.0) -> LaneMode:

@@ -145,13 +145,27 @@ def test_a_switch_counts_only_the_hold_it_made() -> None:
     assert lane.decide(sink_ok=True, head_wait_s=1.5, done={0: 10}, now=2.6) is LaneMode.SPILLING
 
 
+def test_a_lane_whose_in_process_write_failed_does_not_switch_back_at_once() -> None:
+    """One failure leaves the breaker closed (the sink looks fine): switching back at once held
+    new batches for the spilled records, only to spill them when the next write failed too."""
+    lane = direct_lane()
+    lane.failed("connection reset", now=1.0)
+    lane.spilled(0, 20)
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=1.5) is LaneMode.SPILLING
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=2.0) is LaneMode.SWITCHING
+    assert lane.decide(sink_ok=True, head_wait_s=0.1, done={0: 20}, now=2.1) is LaneMode.DIRECT
+    lane.failed("connection reset", now=3.0)  # back in process: the next failure waits 1 s again
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 20}, now=3.9) is LaneMode.SPILLING
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 20}, now=4.0) is LaneMode.DIRECT
+
+
 def test_a_failed_switch_is_retried_later_and_later() -> None:
     """Each hold stops every lane's batches behind it: a sink agent that drains too slowly for a
     switch is not made to try again at once."""
     lane = direct_lane()
     lane.failed("down", now=0.0)
     lane.spilled(0, 50)
-    now, waits = 0.0, []
+    now, waits = 1.0, []  # the first switch a second after the failure
     for _ in range(7):
         assert lane.decide(sink_ok=True, head_wait_s=0, done={}, now=now) is LaneMode.SWITCHING
         assert lane.decide(sink_ok=True, head_wait_s=0.6, done={}, now=now + 0.6) is LaneMode.SPILLING
@@ -163,7 +177,8 @@ def test_a_failed_switch_is_retried_later_and_later() -> None:
     assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 50}, now=now) is LaneMode.DIRECT
     lane.failed("down", now=now)
     lane.spilled(0, 60)
-    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 50}, now=now) is LaneMode.SWITCHING  # reset
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 50}, now=now + 0.5) is LaneMode.SPILLING
+    assert lane.decide(sink_ok=True, head_wait_s=0, done={0: 50}, now=now + 1) is LaneMode.SWITCHING  # reset
 
 
 def test_a_sink_that_is_not_answering_keeps_its_lane_spilling() -> None:
