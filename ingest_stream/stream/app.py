@@ -32,7 +32,7 @@ from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.consumer_batches import BatchStream, IngestApp
 from ingest_stream.stream.dlq import DeadLetters
 from ingest_stream.stream.faust_internals import aiokafka_producer, track_produced_topics
-from ingest_stream.stream.lanes import SinkLane
+from ingest_stream.stream.lanes import SinkLane, worker_cpu_share
 from ingest_stream.stream.sink_agent import SinkProcessor
 from ingest_stream.stream.source_agent import SourceProcessor
 from ingest_stream.stream.sources import install_file_sources
@@ -140,9 +140,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         name: SinkProcessor(guarded, validator=validator, dead_letters=dead_letters, metrics=metrics,
                             audit=audit, gate=backpressure, source_topics=source_topics)
         for name, guarded in sinks.items()}
+    worker_cpu = worker_cpu_share()
     lanes = {name: SinkLane(processor, topic=topics.sinks[name].get_topic_name(), policy=settings.lanes,
                             metrics=metrics, producer=lambda: aiokafka_producer(app), acked=acked,
-                            batch_size=settings.sink.batch_size)
+                            batch_size=settings.sink.batch_size, cpu=worker_cpu)
              for name, processor in sink_processors.items()}
     for lane in lanes.values():
         lane.peers = [other for other in lanes.values() if other is not lane]

@@ -60,10 +60,15 @@ class _Part:
     settled: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+def worker_cpu_share() -> CpuShare:
+    """The worker process's CPU use over the last `CPU_WINDOW_S`: one sampler, shared by its lanes."""
+    return CpuShare(CPU_WINDOW_S, clock=time.monotonic, cpu=time.process_time)
+
+
 class SinkLane:
     def __init__(self, processor: SinkProcessor, *, topic: str, policy: LanePolicy, metrics: Metrics,
                  producer: Callable[[], AIOKafkaProducer], acked: Mapping[Any, int], batch_size: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 cpu: CpuShare, clock: Callable[[], float] = time.monotonic) -> None:
         self.processor = processor
         self.name = processor.sink.name
         self.topic = topic
@@ -73,7 +78,7 @@ class SinkLane:
         self._batch_size = batch_size
         self._writers = max(1, processor.sink.sink.parallel_batches)
         self._clock = clock
-        self._cpu = CpuShare(CPU_WINDOW_S, clock=clock, cpu=time.process_time)
+        self._cpu = cpu  # the worker's, shared with the other lanes
         self.lane = Lane(policy, now=clock())
         self._queue: deque[_Part] = deque()
         self._wake = asyncio.Event()
