@@ -120,6 +120,17 @@ async def prepare_sinks(settings: Settings, names: list[str]) -> None:
             await sink.close()
 
 
+@contextlib.contextmanager
+def fresh_stack(prefix: str, sinks: str) -> Iterator[tuple[DevStack, Settings, Path]]:
+    """A fresh embedded stack in a new temporary folder, the settings of a worker writing `sinks`
+    there, their tables and collections made; yields the stack, the settings and the folder."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    with DevStack(work / "stack") as stack:
+        settings = Settings.from_env({**stack.settings_env(), "INGEST_SINKS": sinks})
+        asyncio.run(prepare_sinks(settings, list(settings.sinks)))
+        yield stack, settings, work
+
+
 def wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

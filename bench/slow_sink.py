@@ -13,16 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import asyncpg
 
-from bench.run import IngestStages, prepare_sinks
-from ingest_stream.config import Settings
-from ingest_stream.ops.devstack import DevStack
+from bench.run import IngestStages, fresh_stack
 
 
 def main() -> int:
@@ -32,10 +28,7 @@ def main() -> int:
     parser.add_argument("--frozen", type=float, default=0.4, help="seconds frozen of every F + 0.1 s")
     parser.add_argument("--sinks", default="postgres,typesense")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ingest-slow-sink-"))
-    with DevStack(work / "stack") as stack:
-        settings = Settings.from_env({**stack.settings_env(), "INGEST_SINKS": args.sinks})
-        asyncio.run(prepare_sinks(settings, list(settings.sinks)))
+    with fresh_stack("ingest-slow-sink-", args.sinks) as (stack, settings, work):
         stop = threading.Event()
 
         def freeze_typesense() -> None:

@@ -9,13 +9,8 @@ logged (a lane that spills in a backlog shows here).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import tempfile
-from pathlib import Path
 
-from bench.run import IngestStages, prepare_sinks, summarize
-from ingest_stream.config import Settings
-from ingest_stream.ops.devstack import DevStack
+from bench.run import IngestStages, fresh_stack, summarize
 
 
 def main() -> int:
@@ -23,10 +18,7 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--sinks", default="postgres,typesense")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ingest-stage-c-"))
-    with DevStack(work / "stack") as stack:
-        settings = Settings.from_env({**stack.settings_env(), "INGEST_SINKS": args.sinks})
-        asyncio.run(prepare_sinks(settings, list(settings.sinks)))
+    with fresh_stack("ingest-stage-c-", args.sinks) as (stack, settings, work):
         stage = IngestStages(stack, settings, work, args.sinks).throughput("bench", args.records, 1)
     print(summarize("ingest_stream end to end", args.records, stage))
     for log in sorted(work.glob("bench-*.log")):
