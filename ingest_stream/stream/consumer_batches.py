@@ -1,10 +1,11 @@
 """The consumer side: Faust's app, consumer and stream, subclassed to take records in batches.
 
-`BatchDrainConsumer` (with `IngestConsumerThread`) delivers each fetch as one awaitable and follows
-seeks exactly; `BatchStream.unacked_batches` hands the agents batches of events they ack themselves
-once what the events caused is durable; `StreamFlowControl` keeps queued records across Faust's
-second resume. Why each replaces Faust's own, and the bugs it fixes: docs/design.md ("What we found
-in Faust…" and "Fixed: a stall after a rebalance"). The producer side is `producer_batches.py`.
+`BatchDrainConsumer` (with `IngestConsumerThread`) delivers each fetch as one awaitable, straight
+into the queue of the stream that reads each partition (`StreamQueue`), and follows seeks exactly;
+`BatchStream.unacked_batches` hands the agents batches of events they ack themselves once what the
+events caused is durable; `StreamFlowControl` keeps queued records across Faust's second resume.
+Why each replaces Faust's own, and the bugs it fixes: docs/design.md ("What we found in Faust…" and
+"Fixed: a stall after a rebalance"). The producer side is `producer_batches.py`.
 """
 
 from __future__ import annotations
