@@ -175,8 +175,10 @@ def run_worker() -> int:
     # before the app allocates its buffers
     hold_thresholds(Settings.from_env().malloc_mmap_threshold_kib * 1024)
     from ingest_stream.app import app
+    from ingest_stream.collector import tune_collector
 
     settings = app.pipeline.settings  # type: ignore[attr-defined]
+    tune_collector(settings.gc_tuned)  # the app is built: what is alive now lives as long as it
     sys.argv = [sys.argv[0], "worker", "-l", settings.log_level]
     app.main()
     return 0

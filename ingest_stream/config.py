@@ -169,6 +169,7 @@ class Settings:
     rocksdb_write_buffer_mib: int = 16
     rocksdb_block_cache_mib: int = 32
     malloc_mmap_threshold_kib: int = 128  # held at worker start (malloc.py); 0: glibc's moving one
+    gc_tuned: bool = True  # start-up objects frozen, fewer collections (collector.py); false: Python's
     stall_timeout_s: float = 300.0  # records waiting, no progress this long: the worker exits (70)
     stall_check_interval_s: float = 10.0
     replay_approval_threshold: int = 10_000  # replays estimated above this many records need an RFA
