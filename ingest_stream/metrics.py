@@ -6,6 +6,10 @@ Labels are bounded: sink, source, reason, stage, outcome, and tenant only throug
 
 from __future__ import annotations
 
+import collections
+from bisect import bisect_left
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -126,3 +130,19 @@ class Metrics:
             "S3/SFTP lines not sent (reason tenant_mismatch, line_too_large) and files given up "
             "(file_corrupt, file_too_large) or skipped until the next poll (file_error).",
             ["source", "reason"], registry=r)
+
+
+def observe_all(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """`histogram.observe(amount)` for each amount (of an unlabelled histogram or a `labels()`
+    child), as one increment per bucket touched and one of the sum, instead of a locked increment
+    and a scan of the buckets per amount. Each sink observes the lag of every record it applies:
+    one by one, that was ~2.5 % of the worker's CPU on `bench.stage_c`. It reads prometheus_client's
+    Histogram internals (the bounds, bucket and sum values); tests/unit/test_metrics.py holds the
+    result to `observe`'s."""
+    if not amounts:
+        return
+    bounds: list[float] = histogram._upper_bounds  # noqa: SLF001 (ascending, +Inf last)
+    histogram._sum.inc(sum(amounts))  # noqa: SLF001
+    buckets = histogram._buckets  # noqa: SLF001
+    for index, count in collections.Counter(bisect_left(bounds, amount) for amount in amounts).items():
+        buckets[index].inc(count)  # the first bucket whose bound is >= the amount, as observe()

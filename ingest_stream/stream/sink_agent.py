@@ -28,7 +28,7 @@ from ingest_stream.core.reasons import Reason, Stage
 from ingest_stream.core.record import Record
 from ingest_stream.core.schemas import Accepted, RecordValidator, Rejected
 from ingest_stream.core.timefmt import epoch_ms
-from ingest_stream.metrics import Metrics
+from ingest_stream.metrics import Metrics, observe_all
 from ingest_stream.sinks.base import BatchOutcome, Write
 from ingest_stream.sinks.guarded import GuardedSink
 from ingest_stream.stream.backpressure import BackpressureController
@@ -123,16 +123,19 @@ class SinkProcessor:
         await asyncio.gather(*deliveries)
 
         now_ms = time.time() * 1000
-        lag_of = self._lag_by_source
+        lags_of_source: dict[str, list[float]] = {}
         lags_of_tenant: dict[str, list[float]] = {}
         for write in outcome.applied:
             record = write.record
-            lag = lag_of.get(record["source"])
-            if lag is None:
-                lag = lag_of[record["source"]] = self._metrics.lag.labels(self.sink.name, record["source"])
             seconds = max(0.0, (now_ms - epoch_ms(record["event_time"])) / 1000)
-            lag.observe(seconds)
+            lags_of_source.setdefault(record["source"], []).append(seconds)
             lags_of_tenant.setdefault(record["tenant"], []).append(seconds)
+        lag_of = self._lag_by_source
+        for source, lags in lags_of_source.items():
+            lag = lag_of.get(source)
+            if lag is None:
+                lag = lag_of[source] = self._metrics.lag.labels(self.sink.name, source)
+            observe_all(lag, lags)
         refused = [(r.identity if isinstance(r, Rejected) else {}, False) for _, r in rejected]
         refused += [(_identity(w), True) for w in [*(w for w, _, _ in outcome.failed), *older_lettered]]
         self._audit_batch(lags_of_tenant, refused, now_s=now_ms / 1000)
