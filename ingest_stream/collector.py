@@ -1,6 +1,6 @@
 """Python's cyclic garbage collector, set for a worker that keeps tens of thousands of records in flight.
 
-With Python's own thresholds (700, 10, 10) the worker spent 7.2–7.7 s of its 24–25 s of CPU in the
+With Python's own thresholds (700, 10, 10) the worker spent 5.2–7.7 s of its 18–25 s of CPU in the
 collector on the bench's (c) stage (`python -m bench.stage_c`, 100,000 records; timed with
 `gc.callbacks`, docs/benchmark.md). Almost all of it was full collections, 100–250 ms each: every one
 traverses the ~130,000 objects of the imported modules and the app, and every record in flight (up to
@@ -10,7 +10,7 @@ collection per table at each rebalance.
 So, once the app is built and before the worker starts: collect, then freeze what is left
 (`gc.freeze`: those objects are never traversed again; start-up objects live as long as the worker
 does), and collect less often, so records in flight are traversed fewer times before they are gone.
-Measured the same way: 1.9–2.0 s of collector time per 100,000 records instead of 7.2–7.7 s.
+Measured the same way: 2.1–2.4 s of collector time per 100,000 records instead of 5.2–7.7 s.
 `INGEST_GC_TUNED=false` leaves Python's own behaviour.
 """
 
