@@ -22,6 +22,10 @@ def parse_rfc3339(text: str) -> datetime:
     if match is None:
         raise ValueError(f"not an RFC 3339 date-time: {text[:64]!r}")
     year, month, day, hour, minute, second, fraction, offset = match.groups()
+    if offset == "Z" and text[10] == "T" and len(fraction or "") <= 7 and "0001" < year < "9999":
+        # The usual form, which fromisoformat reads as it stands (half the time of the rest); the
+        # years kept out are the ones whose instant may not exist in UTC.
+        return datetime.fromisoformat(text)
     micros = int((fraction or ".0")[1:7].ljust(6, "0"))
     offset = "+00:00" if offset in ("Z", "z") else offset
     if int(offset[1:3]) > 23 or int(offset[4:6]) > 59:

@@ -9,6 +9,7 @@ revisions stay rejected after a delete.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -101,7 +102,12 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
 def document_id(key: str) -> str:
     """`tenant:id` with the id percent-encoded outside [A-Za-z0-9._-] (reversible, filter-safe)."""
     tenant, _, record_id = key.partition(":")
+    if _UNQUOTED.match(record_id):  # what quote() would leave as it is (most ids): the key itself
+        return key
     return f"{tenant}:{quote(record_id, safe='._-')}"
+
+
+_UNQUOTED = re.compile(r"[A-Za-z0-9._~-]*\Z")  # quote()'s always-safe characters, and safe='._-'
 
 
 class ImportRejected(ts_errors.ObjectUnprocessable):

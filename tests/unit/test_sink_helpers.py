@@ -1,4 +1,4 @@
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from ingest_stream.sinks.typesense import document_id, searchable_text
 
@@ -10,6 +10,12 @@ def test_document_ids_are_reversible_and_filter_safe():
         assert tenant == "acme-corp"
         assert unquote(escaped) == raw
         assert all(c.isalnum() or c in "._-%" for c in escaped), doc_id
+
+
+def test_ids_quote_leaves_alone_are_kept_as_they_are():
+    """The shortcut for ids with nothing to escape gives what quote() gives."""
+    for raw in ["doc-1", "A.b_c-9~", "", "a b", "é", "x:y", "100%", "a\nb"]:
+        assert document_id(f"t:{raw}") == f"t:{quote(raw, safe='._-')}"
 
 
 def test_distinct_ids_never_collide():
