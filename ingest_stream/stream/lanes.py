@@ -45,12 +45,16 @@ class LaneRecord:
 
     write: Write
     event: EventT[Any]  # the source event: a dead letter is taken from it
-    key: bytes
     forward: Forward  # what a spill sends: its canonical bytes and headers
 
     @property
     def partition(self) -> int:
         return self.event.message.partition
+
+    @property
+    def key(self) -> bytes:
+        """The sink topic's message key: the entity's (worked out only for a spill)."""
+        return self.write.key.encode()
 
 
 @dataclass(slots=True)

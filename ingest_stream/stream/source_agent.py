@@ -29,7 +29,6 @@ from ingest_stream.core.audit import IngestAudit
 from ingest_stream.core.checkpoints import Checkpoint, checkpoint_key
 from ingest_stream.core.guard import broken, looks_broken
 from ingest_stream.core.reasons import Stage
-from ingest_stream.core.record import entity_key
 from ingest_stream.core.schemas import RecordValidator, Rejected
 from ingest_stream.core.timefmt import epoch_ms
 from ingest_stream.metrics import Metrics
@@ -113,7 +112,7 @@ class SourceProcessor:
             forwarded.append(LaneRecord(
                 write_for(record, accepted.origin, may_rewrite_equal=accepted.reprocessed,
                           replayed=accepted.replayed),
-                event, entity_key(record["tenant"], record["id"]).encode(), accepted))
+                event, accepted))
             counted[record["tenant"], "forwarded"] += 1
             checkpoint = checkpoint_key(record["tenant"], self.source, event.message.partition)
             previous = checkpoints.get(checkpoint)
