@@ -84,7 +84,12 @@ def plan_batch(
     for item in items:
         entity = key(item)
         incoming = version(item)
-        decision = decide(current.get(entity), incoming, may_rewrite_equal=may_rewrite_equal(item),
+        held_version = current.get(entity)
+        if held_version is None:  # an entity new to the sink and the batch (most): applied
+            pending[entity] = item
+            current[entity] = incoming
+            continue
+        decision = decide(held_version, incoming, may_rewrite_equal=may_rewrite_equal(item),
                           replayed=replayed(item))
         if decision is RevisionDecision.APPLY:
             if entity in pending:

@@ -1,3 +1,6 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ingest_stream.core.revision import RevisionDecision, Version, decide, plan_batch
 
 A = "src:0"
@@ -62,3 +65,27 @@ def test_an_older_revision_a_replay_resends_is_history_skipped_never_dead_letter
                       version=lambda i: Version(i[1], A, i[2]), may_rewrite_equal=lambda _: True,
                       replayed=lambda i: i[0] == "a")
     assert plan.skip == [("a", 3, 90)] and plan.older == [("b", 1, 91)] and plan.apply == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 4), st.integers(0, 50),
+                                st.booleans()), max_size=12),
+       held=st.dictionaries(st.sampled_from("abc"), st.tuples(st.integers(0, 4), st.integers(0, 50))))
+def test_a_batch_ends_where_its_writes_one_by_one_would(items, held):
+    """The plan against the writes decided and applied one at a time, in order."""
+    versions = {e: Version(r, A, o) for e, (r, o) in held.items()}
+    plan = plan_batch(items, versions, key=lambda i: i[0], version=lambda i: Version(i[1], A, i[2]),
+                      may_rewrite_equal=lambda i: i[3])
+    state = dict(versions)
+    applied: dict[str, tuple] = {}
+    older = []
+    for item in items:
+        decision = decide(state.get(item[0]), Version(item[1], A, item[2]), may_rewrite_equal=item[3])
+        if decision is RevisionDecision.APPLY:
+            state[item[0]] = Version(item[1], A, item[2])
+            applied[item[0]] = item
+        elif decision is RevisionDecision.OLDER:
+            older.append(item)
+    assert {i[0]: i for i in plan.apply} == applied
+    assert plan.older == older
+    assert len(plan.apply) + len(plan.skip) + len(plan.older) == len(items)
