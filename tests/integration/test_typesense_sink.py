@@ -7,6 +7,7 @@ remembered). A worker killed between them must leave a state the redelivered tom
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import httpx
@@ -21,7 +22,7 @@ from ingest_stream.metrics import Metrics
 from ingest_stream.ops.devstack import DevStack
 from ingest_stream.sinks.base import Write
 from ingest_stream.sinks.guarded import BatchOutcome, GuardedSink
-from ingest_stream.sinks.typesense import TypesenseSink
+from ingest_stream.sinks.typesense import COLLECTION, ImportRejected, TypesenseSink, _document
 from tests.dataset import v2
 from tests.integration.harness import SinkReader
 
@@ -141,3 +142,55 @@ def test_revisions_are_read_for_a_full_search_of_ids_and_one_more(
     assert len(requests) == 1  # one round trip
     assert sorted(int(search["per_page"]) for search in requests[0]) == (
         [250, 250] if ids == 250 else [1, 1, 250, 250])  # a search of each collection per 250 ids
+
+
+def test_an_import_names_the_document_the_server_refused(stack: DevStack, prefix: str) -> None:
+    """All taken: nothing raised, the documents are there. One refused (a revision that is not an
+    int64): the batch raises, naming it, and the server kept the rest."""
+    good = [_document(_write(f"{prefix}-imp", 1)), _document(_write(f"{prefix}-imp2", 1))]
+    refused = {**_document(_write(f"{prefix}-imp3", 1)), "revision": "not-a-number"}
+
+    async def scenario() -> tuple[str, dict[str, Version]]:
+        sink = _sink(stack)
+        await sink.open()
+        try:
+            await sink._import(COLLECTION, good)
+            with pytest.raises(ImportRejected) as raised:
+                await sink._import(COLLECTION, [good[0], refused, good[1]])
+            return str(raised.value), await sink.current_revisions(
+                [f"{prefix}-imp:doc", f"{prefix}-imp2:doc", f"{prefix}-imp3:doc"])
+        finally:
+            await sink.close()
+
+    error, found = asyncio.run(scenario())
+    assert "1 document(s) refused" in error and refused["id"] in error
+    assert sorted(found) == [f"{prefix}-imp2:doc", f"{prefix}-imp:doc"]
+
+
+def test_the_sinks_requests_leave_no_cyclic_garbage(stack: DevStack, prefix: str) -> None:
+    """Its HTTP responses are freed as soon as they are read, not left to the garbage collector
+    (the worker's collector runs rarely: collector.py)."""
+    writes = [_write(f"{prefix}-gc{i}", 1) for i in range(3)]
+
+    async def scenario() -> list[object]:
+        sink = _sink(stack)
+        await sink.open()
+        try:
+            await sink.write(writes)  # warm: the connection is made
+            gc.collect()
+            gc.disable()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                await sink.write(writes)
+                await sink.current_revisions([w.key for w in writes])
+                await sink.write([_write(f"{prefix}-gc0", 2, deleted=True)])
+                gc.collect()
+                return [o for o in gc.garbage if type(o).__module__.startswith(("httpx", "httpcore"))]
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+                gc.enable()
+        finally:
+            await sink.close()
+
+    assert asyncio.run(scenario()) == []
