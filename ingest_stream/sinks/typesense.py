@@ -99,16 +99,16 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
+_IMPORTED = '{"success":true}'  # an import's result line for a document it took
+_UNQUOTED = re.compile(r"[A-Za-z0-9._~-]*\Z")  # quote()'s always-safe characters, and safe='._-'
+
+
 def document_id(key: str) -> str:
     """`tenant:id` with the id percent-encoded outside [A-Za-z0-9._-] (reversible, filter-safe)."""
     tenant, _, record_id = key.partition(":")
     if _UNQUOTED.match(record_id):  # what quote() would leave as it is (most ids): the key itself
         return key
     return f"{tenant}:{quote(record_id, safe='._-')}"
-
-
-_IMPORTED = '{"success":true}'  # an import's result line for a document it took
-_UNQUOTED = re.compile(r"[A-Za-z0-9._~-]*\Z")  # quote()'s always-safe characters, and safe='._-'
 
 
 class ImportRejected(ts_errors.ObjectUnprocessable):
