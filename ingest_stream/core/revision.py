@@ -79,16 +79,18 @@ def plan_batch(
     overwritten; skipping it gives the same final state with one write per entity.
     """
     plan: BatchPlan[T] = BatchPlan()
-    current: dict[str, Version] = dict(held)
+    current: dict[str, Version] = dict(held)  # and each entity's applied in the batch, once asked
     pending: dict[str, T] = {}
     for item in items:
         entity = key(item)
-        incoming = version(item)
         held_version = current.get(entity)
-        if held_version is None:  # an entity new to the sink and the batch (most): applied
-            pending[entity] = item
-            current[entity] = incoming
-            continue
+        if held_version is None:
+            first = pending.get(entity)
+            if first is None:  # an entity new to the sink and the batch (most): applied, its
+                pending[entity] = item  # version worked out only if the entity comes again
+                continue
+            held_version = current[entity] = version(first)
+        incoming = version(item)
         decision = decide(held_version, incoming, may_rewrite_equal=may_rewrite_equal(item),
                           replayed=replayed(item))
         if decision is RevisionDecision.APPLY:
