@@ -67,7 +67,7 @@ class BatchCall:
     """What one `GuardedSink.apply` call learns about its batch across its attempts and splits:
     kept per call (the sink keeps only what outlives a batch: its circuit, its last error)."""
 
-    before_write: OlderHandler | None = None  # the writes found older, before any write hides them
+    before_write: OlderHandler | None = None  # gets the writes found older, before any write
     handed_over: set[int] = field(default_factory=set)  # id() of the writes before_write received
     planned: set[int] = field(default_factory=set)  # id() of the writes the last plan was to write
     lone_since: float | None = None  # when a batch of one entity was first seen failing alone

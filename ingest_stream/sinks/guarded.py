@@ -96,10 +96,8 @@ class GuardedSink:
         letter for an older revision must be durable before the newer revision that hides it
         lands, or a crash in between loses it (after a restart the older one looks like replayed
         history). So it is called, not returned: between an attempt's read of the revisions and
-        its write, on every attempt (a retry may find more). A sink that guards its writes itself
-        (`Sink.guards_writes`) tells which it refused only by writing: those are handed over after
-        the write, which did not write their entity, so nothing hides their letters. What the call
-        learns about its batch stays in its `BatchCall`, not on the sink.
+        its write, on every attempt (a retry may find more). What the call learns about its batch
+        stays in its `BatchCall`, not on the sink.
 
         `spill_when_down` (the in-process lane, stream/lanes.py): a retryable failure is not waited
         out; what is left comes back `unwritten`, to be spilled to the sink topic, whose agent
