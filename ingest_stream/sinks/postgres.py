@@ -57,11 +57,10 @@ CREATE TEMP TABLE IF NOT EXISTS {_BATCH_TABLE} (
 _BATCH_COLUMNS = ("rewrite", "tenant", "id", "kind", "revision", "event_time", "source", "priority",
                   "attributes", "links", "deleted", "origin_tp", "origin_offset")
 _RECORD_COLUMNS = ", ".join(_BATCH_COLUMNS[1:])
-# The guarded upsert, returning the entities whose write its WHERE refused (`Sink.guards_writes`):
-# one statement, one round trip. ON CONFLICT locks a conflicting row even where the WHERE refuses
-# the update, so the versions of the refused ones, read next in the same transaction (a statement
-# of its own: READ COMMITTED reads the newest commit, where this statement's snapshot could predate
-# a concurrent writer's), stay what the guard compared against until COMMIT.
+# The guarded upsert, and what it refused with the version held (the statement's snapshot is from
+# before its own writes, and it did not write those rows): one statement, one round trip, and no
+# revision read before the write (`Sink.guards_writes`). `refused` is MATERIALIZED so that only
+# its rows (usually none) are looked up again.
 _UPSERT = f"""
 WITH applied AS (
     INSERT INTO ingest_records ({_RECORD_COLUMNS}, updated_at)
@@ -73,9 +72,12 @@ WITH applied AS (
         origin_offset = EXCLUDED.origin_offset, updated_at = EXCLUDED.updated_at
     WHERE ingest_records.revision {{guard}} EXCLUDED.revision
     RETURNING tenant, id
+), refused AS MATERIALIZED (
+    SELECT b.tenant, b.id FROM pg_temp.{_BATCH_TABLE} b WHERE {{rewrites}}
+    AND NOT EXISTS (SELECT 1 FROM applied a WHERE a.tenant = b.tenant AND a.id = b.id)
 )
-SELECT b.tenant, b.id FROM pg_temp.{_BATCH_TABLE} b WHERE {{rewrites}}
-AND NOT EXISTS (SELECT 1 FROM applied a WHERE a.tenant = b.tenant AND a.id = b.id)
+SELECT r.tenant, r.id, r.revision, r.origin_tp, r.origin_offset
+FROM refused f JOIN ingest_records r ON r.tenant = f.tenant AND r.id = f.id
 """
 _GUARDS = (("<", "NOT rewrite", False), ("<=", "rewrite", True))  # guard, its rows, their `rewrite`
 _CURRENT = """
@@ -133,7 +135,7 @@ class PostgresSink:
         """One transaction in four round trips: BEGIN (and the scratch table, on a connection's
         first batch); the batch COPYed into it; the guarded upsert from it (a second one, `<=`, when
         reprocessed records are beside the `<` ones); COMMIT. Returns the version held of each
-        entity whose write the guard refused (read before the COMMIT, where there are any)."""
+        entity whose write the guard refused."""
         if not writes:
             return {}
         rows = _rows(writes)
@@ -146,10 +148,8 @@ class PostgresSink:
                 try:
                     await conn.execute(_BEGIN_BATCH)
                     await _copy(conn, rows)
-                    turned_down = [row for upsert in upserts for row in await conn.fetch(upsert)]
-                    if turned_down:  # a fifth round trip, only then
-                        refused = _versions(await conn.fetch(
-                            _CURRENT, [row[0] for row in turned_down], [row[1] for row in turned_down]))
+                    for upsert in upserts:
+                        refused.update(_versions(await conn.fetch(upsert)))
                     await conn.execute("COMMIT")
                 except BaseException:  # cancelled too (the caller's timeout)
                     await _roll_back(conn)
