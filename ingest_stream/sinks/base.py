@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -104,18 +104,10 @@ class Sink(Protocol):
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
         """Version held per entity key (`tenant:id`), tombstones included; absent keys are omitted."""
 
-    # Whether `write` applies the revision rule itself, in the statement that writes (Postgres:
-    # the upsert's WHERE). Then GuardedSink reads the revisions held only of entities written more
-    # than once in a batch, and learns the others' from what `write` refused: no read before
-    # every write.
-    guards_writes: bool
-
-    async def write(self, writes: Sequence[Write]) -> Mapping[str, Version] | None:
+    async def write(self, writes: Sequence[Write]) -> None:
         """Apply at most one write per entity, guarded so that nothing older replaces newer.
 
-        A sink that `guards_writes` returns the version it holds of each entity whose write its
-        rule refused (none: empty); the others return None. Raises `SinkError` (classified by
-        exception type) on failure.
+        Raises `SinkError` (classified by exception type) on failure.
         """
 
     async def probe_write(self) -> None:

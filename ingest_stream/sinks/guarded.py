@@ -9,15 +9,14 @@ import asyncio
 import logging
 import random as random_module
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from ingest_stream.config import FailurePolicy
 from ingest_stream.core.backoff import BackoffPolicy
 from ingest_stream.core.breaker import CircuitBreaker, CircuitState
 from ingest_stream.core.reasons import Reason
-from ingest_stream.core.revision import BatchPlan, Version, plan_batch
+from ingest_stream.core.revision import plan_batch
 from ingest_stream.core.timefmt import format_rfc3339
 from ingest_stream.errors import SinkError
 from ingest_stream.metrics import Metrics
@@ -299,49 +298,19 @@ class GuardedSink:
         if not self._opened:  # a sink that is down at start is retried like any outage
             await self.sink.open()
             self._opened = True
+        keys = list(dict.fromkeys(w.key for w in writes))
         call.planned = set()
-        keys = self._keys_to_read(writes)
-        current = await self.sink.current_revisions(keys) if keys else {}
-        plan = self._plan(writes, current)
-        await self._hand_over_older(plan.older, call)
-        if not plan.apply:
-            return BatchOutcome(skipped=plan.skip, older=plan.older)
-        call.planned = {id(w) for w in plan.apply}
-        refused = await self.sink.write(plan.apply)
-        if not refused:
-            return BatchOutcome(applied=plan.apply, skipped=plan.skip, older=plan.older)
-        # A sink that guards its writes itself refused some: decided now against what it holds.
-        # Their entities were not written, so no dead letter of theirs can be hidden yet.
-        turned_down = [w for w in plan.apply if w.key in refused]
-        late = self._plan(turned_down, refused)
-        if late.apply:  # the sink's rule and ours disagree: a bug, dead-lettered, never dropped
-            raise SinkError(self.name, Reason.CONSTRAINT_VIOLATION,
-                            f"the sink refused {where(late.apply[0])}, which the revision rule applies",
-                            unexpected="RevisionRuleMismatch")
-        await self._hand_over_older(late.older, call)
-        return BatchOutcome(applied=[w for w in plan.apply if w.key not in refused],
-                            skipped=plan.skip + late.skip, older=plan.older + late.older)
-
-    def _keys_to_read(self, writes: Sequence[Write]) -> list[str]:
-        """Every entity of the batch; for a sink that guards its writes itself, only those written
-        more than once in it (what the batch keeps of them depends on what the sink holds)."""
-        counts = Counter(w.key for w in writes)
-        if not self.sink.guards_writes:
-            return list(counts)
-        return [key for key, n in counts.items() if n > 1]
-
-    @staticmethod
-    def _plan(writes: Sequence[Write], current: Mapping[str, Version]) -> BatchPlan[Write]:
-        return plan_batch(writes, current, key=lambda w: w.key, version=lambda w: w.version,
+        current = await self.sink.current_revisions(keys)
+        plan = plan_batch(writes, current, key=lambda w: w.key, version=lambda w: w.version,
                           may_rewrite_equal=lambda w: w.may_rewrite_equal, replayed=lambda w: w.replayed)
-
-    @staticmethod
-    async def _hand_over_older(older: list[Write], call: BatchCall) -> None:
-        """Each older write to `before_write` once (a retry may find them again)."""
-        fresh = [w for w in older if id(w) not in call.handed_over]
+        fresh = [w for w in plan.older if id(w) not in call.handed_over]
         if fresh and call.before_write is not None:
             await call.before_write(fresh)
             call.handed_over.update(id(w) for w in fresh)
+        if plan.apply:
+            call.planned = {id(w) for w in plan.apply}
+            await self.sink.write(plan.apply)
+        return BatchOutcome(applied=plan.apply, skipped=plan.skip, older=plan.older)
 
 
 def _rfc3339(epoch_s: float | None) -> str | None:

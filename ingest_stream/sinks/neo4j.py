@@ -86,7 +86,6 @@ _PROBE = "MERGE (p:IngestSinkProbe {name: 'ingest-stream'}) SET p.probed_at = ti
 class Neo4jSink:
     name = NAME
     parallel_batches = 1  # links MERGE shared nodes: concurrent batches could deadlock each other
-    guards_writes = False
 
     def __init__(
         self, uri: str, *, user: str, password: str, batch_size: int, flavor: Neo4jFlavor | str,

@@ -57,27 +57,15 @@ CREATE TEMP TABLE IF NOT EXISTS {_BATCH_TABLE} (
 _BATCH_COLUMNS = ("rewrite", "tenant", "id", "kind", "revision", "event_time", "source", "priority",
                   "attributes", "links", "deleted", "origin_tp", "origin_offset")
 _RECORD_COLUMNS = ", ".join(_BATCH_COLUMNS[1:])
-# The guarded upsert, and what it refused with the version held (the statement's snapshot is from
-# before its own writes, and it did not write those rows): one statement, one round trip, and no
-# revision read before the write (`Sink.guards_writes`). `refused` is MATERIALIZED so that only
-# its rows (usually none) are looked up again.
 _UPSERT = f"""
-WITH applied AS (
-    INSERT INTO ingest_records ({_RECORD_COLUMNS}, updated_at)
-    SELECT {_RECORD_COLUMNS}, now() FROM pg_temp.{_BATCH_TABLE} WHERE {{rewrites}}
-    ON CONFLICT (tenant, id) DO UPDATE SET
-        kind = EXCLUDED.kind, revision = EXCLUDED.revision, event_time = EXCLUDED.event_time,
-        source = EXCLUDED.source, priority = EXCLUDED.priority, attributes = EXCLUDED.attributes,
-        links = EXCLUDED.links, deleted = EXCLUDED.deleted, origin_tp = EXCLUDED.origin_tp,
-        origin_offset = EXCLUDED.origin_offset, updated_at = EXCLUDED.updated_at
-    WHERE ingest_records.revision {{guard}} EXCLUDED.revision
-    RETURNING tenant, id
-), refused AS MATERIALIZED (
-    SELECT b.tenant, b.id FROM pg_temp.{_BATCH_TABLE} b WHERE {{rewrites}}
-    AND NOT EXISTS (SELECT 1 FROM applied a WHERE a.tenant = b.tenant AND a.id = b.id)
-)
-SELECT r.tenant, r.id, r.revision, r.origin_tp, r.origin_offset
-FROM refused f JOIN ingest_records r ON r.tenant = f.tenant AND r.id = f.id
+INSERT INTO ingest_records ({_RECORD_COLUMNS}, updated_at)
+SELECT {_RECORD_COLUMNS}, now() FROM pg_temp.{_BATCH_TABLE} WHERE {{rewrites}}
+ON CONFLICT (tenant, id) DO UPDATE SET
+    kind = EXCLUDED.kind, revision = EXCLUDED.revision, event_time = EXCLUDED.event_time,
+    source = EXCLUDED.source, priority = EXCLUDED.priority, attributes = EXCLUDED.attributes,
+    links = EXCLUDED.links, deleted = EXCLUDED.deleted, origin_tp = EXCLUDED.origin_tp,
+    origin_offset = EXCLUDED.origin_offset, updated_at = EXCLUDED.updated_at
+WHERE ingest_records.revision {{guard}} EXCLUDED.revision;
 """
 _GUARDS = (("<", "NOT rewrite", False), ("<=", "rewrite", True))  # guard, its rows, their `rewrite`
 _CURRENT = """
@@ -95,7 +83,6 @@ ON CONFLICT (name) DO UPDATE SET probed_at = now()
 class PostgresSink:
     name = NAME
     parallel_batches = POOL_SIZE  # a row per entity: transactions of disjoint entities never wait
-    guards_writes = True  # the upsert's WHERE, and it tells what it refused (`_UPSERT`)
 
     def __init__(self, dsn: str, *, timeout_s: float) -> None:
         self._dsn = dsn
@@ -129,37 +116,32 @@ class PostgresSink:
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
         tenants, ids = zip(*(split_entity_key(k) for k in keys), strict=True) if keys else ((), ())
         with translated_errors(classify, NAME):
-            return _versions(await self.pool.fetch(_CURRENT, list(tenants), list(ids)))
+            rows = await self.pool.fetch(_CURRENT, list(tenants), list(ids))
+        return {
+            entity_key(row["tenant"], row["id"]):
+                Version(row["revision"], row["origin_tp"], row["origin_offset"])
+            for row in rows
+        }
 
-    async def write(self, writes: Sequence[Write]) -> dict[str, Version]:
-        """One transaction in four round trips: BEGIN (and the scratch table, on a connection's
+    async def write(self, writes: Sequence[Write]) -> None:
+        """One transaction in three round trips: BEGIN (and the scratch table, on a connection's
         first batch); the batch COPYed into it; the guarded upsert from it (a second one, `<=`, when
-        reprocessed records are beside the `<` ones); COMMIT. Returns the version held of each
-        entity whose write the guard refused."""
+        reprocessed records are beside the `<` ones) with the COMMIT, in one message."""
         if not writes:
-            return {}
+            return
         rows = _rows(writes)
         flags = {row[0] for row in rows}  # the `rewrite` flags present
-        upserts = [_UPSERT.format(rewrites=rewrites, guard=guard)
-                   for guard, rewrites, rewrite in _GUARDS if rewrite in flags]
-        refused: dict[str, Version] = {}
+        upserts = "".join(_UPSERT.format(rewrites=rewrites, guard=guard)
+                          for guard, rewrites, rewrite in _GUARDS if rewrite in flags)
         with translated_errors(classify, NAME):
             async with self.pool.acquire() as conn:
                 try:
                     await conn.execute(_BEGIN_BATCH)
                     await _copy(conn, rows)
-                    for upsert in upserts:
-                        refused.update(_versions(await conn.fetch(upsert)))
-                    await conn.execute("COMMIT")
+                    await conn.execute(upserts + "COMMIT")
                 except BaseException:  # cancelled too (the caller's timeout)
                     await _roll_back(conn)
                     raise
-        return refused
-
-
-def _versions(rows: Sequence[asyncpg.Record]) -> dict[str, Version]:
-    """Rows of (tenant, id, revision, origin_tp, origin_offset), by entity key."""
-    return {entity_key(row[0], row[1]): Version(row[2], row[3], row[4]) for row in rows}
 
 
 async def _nothing_to_reset(connection: asyncpg.Connection) -> None:

@@ -11,7 +11,7 @@ from ingest_stream.core.backoff import BackoffPolicy
 from ingest_stream.core.breaker import BreakerPolicy, CircuitBreaker, CircuitState
 from ingest_stream.core.reasons import Reason
 from ingest_stream.core.record import with_defaults
-from ingest_stream.core.revision import RevisionDecision, Version, decide
+from ingest_stream.core.revision import Version
 from ingest_stream.errors import SinkError
 from ingest_stream.metrics import Metrics
 from ingest_stream.sinks.base import Write
@@ -21,16 +21,13 @@ from tests.dataset import v2
 
 
 class MemorySink:
-    """Holds versions in a dict; fails on demand. With `guards_writes` (every test runs both ways:
-    `guarding`), its write applies the revision rule itself, as the Postgres sink's upsert does."""
+    """Holds versions in a dict; fails on demand."""
 
     name = "memory"
-    guards_writes = False
 
     def __init__(self, clock: Callable[[], float] = lambda: 0.0) -> None:
         self.held: dict[str, Version] = {}
-        self.calls = 0  # reads and probes, and a guarding sink's writes (an attempt opens with one)
-        self.read: list[list[str]] = []  # the keys of each revision read
+        self.calls = 0
         self.down = 0  # fail this many calls with CONNECTION_ERROR
         self.refuse: set[str] = set()  # entity keys refused with CONSTRAINT_VIOLATION
         self.hang = False
@@ -50,7 +47,6 @@ class MemorySink:
 
     async def current_revisions(self, keys: Sequence[str]) -> dict[str, Version]:
         self.calls += 1
-        self.read.append(list(keys))
         if self.hang:
             await asyncio.Event().wait()
         if self.down:
@@ -71,17 +67,10 @@ class MemorySink:
             self.writes_down -= 1
             raise SinkError(self.name, Reason.CONNECTION_ERROR, "read-only")
 
-    async def write(self, writes: Sequence[Write]) -> dict[str, Version] | None:
+    async def write(self, writes: Sequence[Write]) -> None:
         keys = [w.key for w in writes]
         if any(k in self.hang_on for k in keys):
             await asyncio.Event().wait()
-        if self.guards_writes:
-            self.calls += 1
-        if self.hang:  # a hung or down sink: the write meets it too (after a read, only once it is over)
-            await asyncio.Event().wait()
-        if self.down:
-            self.down -= 1
-            raise SinkError(self.name, Reason.CONNECTION_ERROR, "refused")
         if self.rate_limited:
             self.rate_limited -= 1
             raise SinkError(self.name, Reason.RATE_LIMITED, "429", retry_after_s=3.0)
@@ -95,28 +84,10 @@ class MemorySink:
                 raise SinkError(self.name, self.bad[k], f"{k} is too much")
             if self._clock() < self.bad_until.get(k, float("-inf")):
                 raise SinkError(self.name, Reason.SINK_TIMEOUT, f"{k}: a blip")
-        refused = {w.key: self.held[w.key] for w in writes if self.guards_writes and decide(
-            self.held.get(w.key), w.version, may_rewrite_equal=w.may_rewrite_equal)
-            is not RevisionDecision.APPLY}
         for w in writes:
-            if w.key not in refused:
-                self.held[w.key] = w.version
-        self.written.append([k for k in keys if k not in refused])
+            self.held[w.key] = w.version
+        self.written.append(keys)
         self.after_write()
-        return refused if self.guards_writes else None
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Each test against a sink read before each write, and against one that guards its writes
-    itself (read only for entities written twice in a batch); `reads_first` tests: the first only."""
-    modes = [False] if metafunc.definition.get_closest_marker("reads_first") else [False, True]
-    metafunc.parametrize("guarding", modes, ids=["reads-first", "guards-writes"][:len(modes)], indirect=True)
-
-
-@pytest.fixture(autouse=True)
-def guarding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    monkeypatch.setattr(MemorySink, "guards_writes", request.param)
-    return bool(request.param)
 
 
 class FakeTime:
@@ -241,52 +212,6 @@ async def test_older_writes_are_handed_over_before_anything_is_written_once_per_
     assert seen == [([3], 5)]  # handed over while the sink still held 5, not yet 6
     assert [w.revision for w in outcome.applied] == [6]
     assert [w.revision for w in outcome.older] == [3]
-
-
-async def test_a_guarding_sink_is_read_only_for_entities_written_twice_in_a_batch(guarding):
-    sink, time = MemorySink(), FakeTime()
-    guard = guarded(sink, time)
-    await guard.apply(writes(("a", 1), ("b", 1)))
-    await guard.apply(writes(("a", 2), ("c", 1), ("a", 3)))
-    assert sink.read == ([] if guarding else [["t:a", "t:b"]]) + ([["t:a"]] if guarding else [["t:a", "t:c"]])
-    assert sink.held == {"t:a": Version(3), "t:b": Version(1), "t:c": Version(1)}
-
-
-async def test_what_a_guarding_sink_refuses_is_decided_against_what_it_holds_and_dead_lettered_once(guarding):
-    """Older ones go to `before_write` (dead letters) after the write that refused them: their
-    entity was not written, so nothing hides them; equal ones are skipped; the rest applied."""
-    sink, time = MemorySink(), FakeTime()
-    sink.held.update({"t:a": Version(5, "src:0", 10), "t:b": Version(2), "t:c": Version(4, "src:0", 10)})
-    handed: list[tuple[str, int]] = []
-
-    async def before_write(older):
-        handed.extend((w.key, w.revision) for w in older)
-
-    batch = [Write(with_defaults(v2("t", "a", 3)), origin_tp="src:1", origin_offset=20),  # older
-             *writes(("b", 2), ("d", 1)),  # equal: skipped; new: applied
-             Write(with_defaults(v2("t", "c", 3)), origin_tp="src:0", origin_offset=9)]  # history
-    outcome = await guarded(sink, time).apply(batch, before_write=before_write)
-    assert handed == [("t:a", 3)]
-    assert [w.key for w in outcome.older] == ["t:a"]
-    assert sorted(w.key for w in outcome.skipped) == ["t:b", "t:c"]
-    assert [w.key for w in outcome.applied] == ["t:d"]
-    assert sink.held["t:a"] == Version(5, "src:0", 10) and sink.held["t:d"] == Version(1)
-
-
-async def test_a_write_the_sink_refuses_against_the_revision_rule_fails_it_is_never_dropped(guarding):
-    sink, time = MemorySink(), FakeTime()
-    written = sink.write
-
-    async def refusing_a(writes_: Sequence[Write]) -> dict[str, Version] | None:
-        await written([w for w in writes_ if w.key != "t:a"])
-        return {"t:a": Version(0)}  # held 0, refused 1: the sink's rule and ours disagree
-
-    sink.write = refusing_a  # type: ignore[method-assign]
-    outcome = await guarded(sink, time, policy="dlq").apply(writes(("a", 1), ("b", 1)))
-    assert [(w.key, e.reason, e.unexpected) for w, e, _ in outcome.failed] == [
-        ("t:a", Reason.CONSTRAINT_VIOLATION, "RevisionRuleMismatch")]
-    assert [w.key for w in [*outcome.applied, *outcome.skipped]] == ["t:b"]  # written by the 1st try
-    assert "t:a" not in sink.held and sink.held["t:b"] == Version(1)
 
 
 # --- a record that fails on its own with a retryable error (issue 16) ---------------------------
@@ -638,7 +563,6 @@ async def test_spill_when_down_returns_the_batch_unwritten_without_waiting(polic
     assert sink.held == {}
 
 
-@pytest.mark.reads_first  # a guarding sink learns what is older from the write that fails here
 async def test_spill_when_down_reports_writes_already_dead_lettered_as_older_not_unwritten():
     sink, time = MemorySink(), FakeTime()
     sink.held["t:a"] = Version(5)
