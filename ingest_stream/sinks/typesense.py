@@ -117,7 +117,9 @@ class ImportRejected(ts_errors.ObjectUnprocessable):
 
 class TypesenseSink:
     name = NAME
-    parallel_batches = 4  # one document per entity; the server imports on several threads
+    # One document per entity. The server applies one collection's imports in turn (one indexing
+    # queue per collection); side by side, the revision searches and the HTTP work overlap them.
+    parallel_batches = 4
 
     def __init__(self, url: str, *, api_key: str, timeout_s: float,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
