@@ -23,7 +23,8 @@ def restored_collector() -> Iterator[None]:
 def test_tuned_freezes_what_is_alive_and_collects_less_often() -> None:
     alive = object(), [1, 2]  # a tracked container alive at the call
     frozen = tune_collector(True)
-    assert frozen is not None and frozen == gc.get_freeze_count() > 0
+    # Frozen objects can still be freed (another thread's, a previous test's): the count only falls.
+    assert frozen is not None and 0 < gc.get_freeze_count() <= frozen
     assert gc.get_threshold() == WORKER_THRESHOLDS
     assert not any(item is alive for item in gc.get_objects())  # frozen: out of every generation
     created_after = [alive]
