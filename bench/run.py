@@ -61,6 +61,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from bench import outage, raw_job
 from bench.common import machine_busy_seconds, proc_figures
+from bench.paced import produce_paced
 from ingest_stream.config import SOURCES, Settings
 from ingest_stream.ops.devstack import DevStack, ServerProcess, free_port
 from ingest_stream.ops.produce import produce, synthetic_records
@@ -287,8 +288,7 @@ class IngestStages:
         """Produce `n` records stamped with the moment they are sent, at `rate`; wait until done."""
         values = (orjson.dumps(r) for r in synthetic_records(
             n, entities=n, tenants=3, tenant_prefix=prefix, stamp_now=True))
-        asyncio.run(produce(self.settings, values, topic=f"{prefix}.source.kafka", rate=rate,
-                            progress_every=10**9))
+        produce_paced(self.stack.kafka_bootstrap, values, topic=f"{prefix}.source.kafka", rate=rate)
         wait_committed(processes, self.stack.kafka_bootstrap, f"{prefix}-ingest", self._expected(prefix, n),
                        metrics_urls=[metrics_url(env) for env in envs])
 
@@ -391,8 +391,8 @@ class IngestStages:
 
         def send() -> None:
             try:
-                asyncio.run(produce(self.settings, values(), topic=f"{prefix}.source.kafka", rate=rate,
-                                    progress_every=10**9))
+                produce_paced(self.stack.kafka_bootstrap, values(), topic=f"{prefix}.source.kafka",
+                              rate=rate)
             except BaseException as exc:  # re-raised by the stage
                 failure.append(exc)
 
