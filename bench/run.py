@@ -323,13 +323,16 @@ class IngestStages:
         url = metrics_url(envs[0])
         rss: list[float] = []
         rocksdb: list[float] = []
+        lag: list[float] = []  # records the group has not committed: a worker behind holds more
         with worker_processes(WORKER_ARGV, envs, [self.work / f"{prefix}.log"]) as processes:
             pid = processes[0].pid
             done = threading.Event()
 
             def sample() -> None:
                 rss.append(rss_mib(pid))
-                rocksdb.append(rocksdb_mib(url))
+                text = scrape(url)
+                rocksdb.append(rocksdb_mib(text))
+                lag.append(summed(text, "ingest_consumer_lag_records{"))
 
             def sample_every_10s() -> None:
                 while not done.wait(10):
@@ -352,7 +355,9 @@ class IngestStages:
                 "rocksdb_end_mib": rocksdb[-1],
                 "rss_less_rocksdb_second_half_growth_mib": round(
                     (rss[-1] - rocksdb[-1]) - (rss[middle] - rocksdb[middle]), 1),
-                "rss_samples_mib": rss, "rocksdb_samples_mib": rocksdb}
+                "lag_records_max_first_half": max(lag[:middle + 1]),
+                "lag_records_max_second_half": max(lag[middle:]),
+                "rss_samples_mib": rss, "rocksdb_samples_mib": rocksdb, "lag_samples_records": lag}
 
     def outage(self, prefix: str, sink: str, seconds: float, rate: float, window_s: float,
                warmup_s: float = OUTAGE_WARMUP_S) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -522,9 +527,10 @@ def brownout_dropped(url: str) -> float:
     return summed(scrape(url), "ingest_brownout_dropped_total{")
 
 
-def rocksdb_mib(url: str) -> float:
-    """The worker's RocksDB block cache and memtables in use (ingest_rocksdb_*_bytes), in MiB."""
-    used = summed(scrape(url), "ingest_rocksdb_block_cache_bytes ", "ingest_rocksdb_memtable_bytes ")
+def rocksdb_mib(metrics: str) -> float:
+    """The worker's RocksDB block cache and memtables in use (ingest_rocksdb_*_bytes), in MiB, from
+    its /metrics text."""
+    used = summed(metrics, "ingest_rocksdb_block_cache_bytes ", "ingest_rocksdb_memtable_bytes ")
     return round(used / 2**20, 1)
 
 
@@ -793,7 +799,9 @@ def print_stages(result: dict[str, Any], stages: dict[str, dict[str, Any]], late
               f"{soak['rss_end_mib']} MiB at the end (second half "
               f"{soak['rss_second_half_growth_mib']:+} MiB), max {soak['rss_max_mib']} MiB; of it RocksDB "
               f"{soak['rocksdb_start_mib']} -> {soak['rocksdb_middle_mib']} -> {soak['rocksdb_end_mib']} MiB,"
-              f" the rest {soak['rss_less_rocksdb_second_half_growth_mib']:+} MiB in the second half")
+              f" the rest {soak['rss_less_rocksdb_second_half_growth_mib']:+} MiB in the second half; "
+              f"consumer lag at most {soak['lag_records_max_first_half']:.0f} / "
+              f"{soak['lag_records_max_second_half']:.0f} records in the first / second half")
     if latency and "error" not in latency:
         print(f"latency at {latency['rate']:.0f} records/s (80 % of c): postgres p50/p95/p99 = "
               f"{latency['postgres_p50_s']}/{latency['postgres_p95_s']}/{latency['postgres_p99_s']} s; "
