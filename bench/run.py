@@ -341,7 +341,13 @@ class IngestStages:
             sampler = threading.Thread(target=sample_every_10s, daemon=True)
             sample()
             sampler.start()
-            self._paced(processes, envs, prefix, rate, n)
+            try:
+                self._paced(processes, envs, prefix, rate, n)
+            except RuntimeError as exc:  # fell behind: what was sampled until then says how
+                done.set()
+                sampler.join()
+                return {"rate": round(rate, 1), "error": str(exc), "rss_samples_mib": rss,
+                        "rocksdb_samples_mib": rocksdb, "lag_samples_records": lag}
             done.set()
             sampler.join()
             sample()
@@ -793,6 +799,9 @@ def print_stages(result: dict[str, Any], stages: dict[str, dict[str, Any]], late
     for name, paced in (("latency", latency), ("soak", soak)):
         if paced and "error" in paced:
             print(f"{name} at {paced['rate']:.0f} records/s FAILED: {paced['error']}")
+            if "lag_samples_records" in paced:  # a soak that fell behind: how memory and lag went
+                print(f"  every 10 s until then: worker RSS MiB {paced['rss_samples_mib']}; consumer "
+                      f"lag records {[round(x) for x in paced['lag_samples_records']]}")
     if soak and "error" not in soak:
         print(f"soak {soak['seconds']:.0f} s at {soak['rate']:.0f} records/s: worker RSS "
               f"{soak['rss_start_mib']} MiB at start, {soak['rss_middle_mib']} MiB halfway, "
