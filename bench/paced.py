@@ -21,10 +21,12 @@ TICK_S = 0.005  # records are handed over in bursts this far apart: well below t
 FLUSH_TIMEOUT_S = 120.0
 
 
-def produce_paced(bootstrap: str, values: Iterable[bytes], *, topic: str, rate: float) -> int:
-    """Produce `values` to `topic` at `rate` records/s; returns how many, once the broker has
-    acknowledged all of them (raises if it refused any)."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all",
+def produce_paced(bootstrap: str, values: Iterable[bytes], *, topic: str, rate: float,
+                  linger_ms: float = 5.0) -> int:
+    """Produce `values` to `topic` at `rate` records/s, each partition's records batched over up to
+    `linger_ms`; returns how many, once the broker has acknowledged all of them (raises if it
+    refused any)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": linger_ms, "acks": "all",
                          "enable.idempotence": False, "partitioner": "murmur2_random",
                          "queue.buffering.max.messages": 1_000_000})
     failures: list[str] = []

@@ -74,6 +74,11 @@ PARTITIONS = 4
 OUTAGE_WARMUP_S = 10.0  # of stage (o), before its `before` window: the worker's first batches
 OUTAGE_STALL_S = 60.0  # after production, no sink handling a record for this long: stop waiting
 OUTAGE_DRAIN_TIMEOUT_S = 900.0
+# The soak's producer batches up to this long per partition (the other paced stages: 5 ms, as they
+# measure latency). The embedded broker (Tansu 0.6.0, memory engine) lists every batch of a partition
+# on each fetch: with 5 ms batches at 1,500 records/s, a consumer that keeps up cost it a core, and
+# ten minutes in it fell behind (docs/benchmark.md). The soak measures the worker's memory.
+SOAK_LINGER_MS = 100.0
 
 
 def create_topics(bootstrap: str, names: list[str]) -> None:
@@ -284,11 +289,13 @@ class IngestStages:
                                  self.stack.kafka_bootstrap, f"{prefix}-ingest", self._expected(prefix, n))
 
     def _paced(self, processes: list[subprocess.Popen[bytes]], envs: list[dict[str, str]], prefix: str,
-               rate: float, n: int) -> None:
-        """Produce `n` records stamped with the moment they are sent, at `rate`; wait until done."""
+               rate: float, n: int, linger_ms: float = 5.0) -> None:
+        """Produce `n` records stamped with the moment they are sent, at `rate` (batched over up to
+        `linger_ms` per partition); wait until done."""
         values = (orjson.dumps(r) for r in synthetic_records(
             n, entities=n, tenants=3, tenant_prefix=prefix, stamp_now=True))
-        produce_paced(self.stack.kafka_bootstrap, values, topic=f"{prefix}.source.kafka", rate=rate)
+        produce_paced(self.stack.kafka_bootstrap, values, topic=f"{prefix}.source.kafka", rate=rate,
+                      linger_ms=linger_ms)
         wait_committed(processes, self.stack.kafka_bootstrap, f"{prefix}-ingest", self._expected(prefix, n),
                        metrics_urls=[metrics_url(env) for env in envs])
 
@@ -342,7 +349,7 @@ class IngestStages:
             sample()
             sampler.start()
             try:
-                self._paced(processes, envs, prefix, rate, n)
+                self._paced(processes, envs, prefix, rate, n, linger_ms=SOAK_LINGER_MS)
             except RuntimeError as exc:  # fell behind: what was sampled until then says how
                 done.set()
                 sampler.join()
