@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import faust
+from aiokafka.errors import IllegalStateError
 
 from ingest_stream.config import Settings
 from ingest_stream.core.stall import Progress, StallDetector
@@ -47,14 +48,20 @@ def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
         # The lag probe reads past a broker's high watermark where it falls short (Tansu): its
         # ends see records a stalled partition would otherwise hide.
         probed = known_ends()
+        assigned = consumer.assignment()  # a rebalance may have revoked some while highwaters ran
         for tp in tps:
+            if tp not in assigned:
+                continue
             end = max(ends.get(tp) or 0, probed.get((tp.topic, tp.partition), 0)) or None
             if end is None:
                 continue
             committed = faust_internals.committed_offset(consumer, tp)
             done = acked.get(tp)
             if committed is None and done is None:  # nothing processed here yet: as far as fetched
-                committed = await consumer.position(tp)
+                try:
+                    committed = await consumer.position(tp)
+                except IllegalStateError:  # revoked by a rebalance meanwhile: no longer ours to watch
+                    continue
             key = f"{tp.topic}[{tp.partition}]"
             positions[key] = Progress(committed=committed, acked=done, end=end)
             sink = sinks_by_topic.get(tp.topic)

@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+import pytest
+from aiokafka.errors import IllegalStateError
 from faust.types import TP
 
 from ingest_stream.config import Settings
@@ -91,3 +93,37 @@ async def test_ends_read_past_a_short_high_watermark_still_reveal_a_stall():
     now[0] = 31
     await check()
     assert exits == [STALL_EXIT_CODE]
+
+
+class RevokingConsumer(FakeConsumer):
+    """A rebalance revokes partitions while the check awaits the broker (CI: the worker crashed
+    on `position` of a partition it no longer owned)."""
+
+    def __init__(self, revoke_during: str) -> None:
+        super().__init__(source_end=50)
+        self._committed_offset = {}  # nothing processed yet: the check asks for the position
+        self._revoke_during = revoke_during
+
+    async def highwaters(self, *tps):
+        ends = await super().highwaters(*tps)
+        if self._revoke_during == "highwaters":
+            del self.tps[TP("src", 0)]
+        return ends
+
+    async def position(self, tp):
+        if self._revoke_during == "position" or tp not in self.tps:
+            raise IllegalStateError(f"Partition {tp} is not assigned")
+        return await super().position(tp)
+
+
+@pytest.mark.parametrize("revoke_during", ["highwaters", "position"])
+async def test_a_partition_revoked_while_the_check_runs_is_skipped_not_a_crash(revoke_during: str):
+    now = [0.0]
+    exits: list[int] = []
+    app = SimpleNamespace(consumer=RevokingConsumer(revoke_during), timer=lambda interval: lambda f: f)
+    check = install_watchdog(app, Settings(stall_timeout_s=30), consumed={"src"}, sinks_by_topic={},
+                             acked={}, clock=lambda: now[0], exit_now=exits.append)
+    await check()
+    now[0] = 31
+    await check()  # the revoked partition is not watched, so it cannot look stalled either
+    assert exits == []
