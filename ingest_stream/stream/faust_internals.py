@@ -137,6 +137,16 @@ def committed_offset(consumer: Any, tp: TP) -> int | None:
     return offset
 
 
+def fetch_state(consumer: Any, tp: TP) -> dict[str, Any]:
+    """What Faust's consumer holds for `tp` besides its commits, for a stall's log line: the last
+    offset delivered to the streams (`_read_offset`), whether the partition is fetched (`_active_
+    partitions`, None: all) or paused, and how many of its records are taken, not acked yet."""
+    active = consumer._active_partitions
+    unacked = sum(1 for message in consumer._unacked_messages if message.tp == tp)
+    return {"read_offset": consumer._read_offset.get(tp), "fetched": active is None or tp in active,
+            "paused": tp in consumer._paused_partitions, "unacked": unacked}
+
+
 def stream_channel_for(app: AppT, tp: TP) -> tuple[Any, Any] | None:
     """The conductor's handler for `tp` and the one channel (an agent's stream) it delivers to, or
     None where the conductor must deliver itself: its index is being rebuilt (`_tp_to_callback_lock`

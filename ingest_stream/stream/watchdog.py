@@ -72,6 +72,11 @@ def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
             log.critical("stall: %s had records waiting and no progress for %.0fs; exiting (%d) so the "
                          "worker is restarted; un-acked records will be redelivered",
                          ", ".join(stalled), settings.stall_timeout_s, STALL_EXIT_CODE)
+            for tp in tps:  # where each stalled partition stood, for the post-mortem
+                key = f"{tp.topic}[{tp.partition}]"
+                if key in stalled:
+                    log.critical("stall: %s %s %s", key, positions[key],
+                                 faust_internals.fetch_state(consumer, tp))
             logging.shutdown()
             sys.stderr.flush()
             exit_now(STALL_EXIT_CODE)

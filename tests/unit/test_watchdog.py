@@ -14,6 +14,10 @@ class FakeConsumer:
     def __init__(self, source_end: int) -> None:
         self.tps = {TP("src", 0): (10, source_end), TP("sink", 0): (5, 9), TP("changelog", 0): (0, 99)}
         self._committed_offset = {tp: done for tp, (done, _) in self.tps.items()}
+        self._read_offset = {TP("src", 0): 9}  # Faust's fetch bookkeeping, logged at a stall
+        self._active_partitions = None
+        self._paused_partitions = {TP("src", 0)}
+        self._unacked_messages = [SimpleNamespace(tp=TP("src", 0))]
 
     def assignment(self):
         return set(self.tps)
@@ -37,7 +41,7 @@ def _install(retrying: bool, source_end: int = 50):
     return check, now, exits, timers
 
 
-async def test_a_partition_waiting_without_progress_makes_the_worker_exit():
+async def test_a_partition_waiting_without_progress_makes_the_worker_exit(caplog):
     check, now, exits, timers = _install(retrying=False)
     assert timers == [check]
     await check()
@@ -47,6 +51,9 @@ async def test_a_partition_waiting_without_progress_makes_the_worker_exit():
     now[0] = 31
     await check()
     assert exits == [STALL_EXIT_CODE]
+    # Where the stalled partition stood, for the post-mortem: its progress and Faust's fetch state.
+    assert "stall: src[0] Progress(committed=10, acked=None, end=50) {'read_offset': 9, 'fetched': True, " \
+           "'paused': True, 'unacked': 1}" in caplog.text
 
 
 async def test_a_sink_that_is_retrying_is_busy_not_stalled():
