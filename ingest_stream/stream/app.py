@@ -61,6 +61,7 @@ IN_FLIGHT_RECORDS = 10_000
 # Handles a batch; may return what is left before the batch may be acked (waiting on the broker),
 # which the agent overlaps with the next batch.
 BatchHandler = Callable[[list[EventT[Any]]], Awaitable[Awaitable[None] | None]]
+InFlight = deque[tuple[asyncio.Future[None], list[EventT[Any]]]]  # an agent's batches, acked in order
 
 
 @dataclass
@@ -136,6 +137,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     backpressure = BackpressureController(app, settings, metrics)
     stalls = StallDetector(settings.stall_timeout_s)
     acked: dict[Any, int] = {}  # TP -> one past the highest offset an agent acked (watchdog, lanes)
+    in_flight: dict[str, InFlight] = {}  # agent -> its batches waiting to settle (logged at a stall)
     sink_processors = {
         name: SinkProcessor(guarded, validator=validator, dead_letters=dead_letters, metrics=metrics,
                             audit=audit, gate=backpressure, source_topics=source_topics)
@@ -164,18 +166,21 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
             lanes=list(lanes.values()), source_topics=source_topics,
             dead_letters=dead_letters, metrics=metrics, audit=audit, gate=backpressure)
         _agent(app, f"process-{source}", topics.sources[source], processor.process,
-               settings.source_batch_size, settings.batch_within_s, produced, acked)
+               settings.source_batch_size, settings.batch_within_s, produced, acked, in_flight)
         _eviction_timer(app, settings, source, tables[source].dedupe, metrics)
 
     for name, sink_processor in sink_processors.items():
         _agent(app, f"sink-{name}", topics.sinks[name], sink_processor.process,
-               settings.sink.batch_size, settings.batch_within_s, produced, acked)
+               settings.sink.batch_size, settings.batch_within_s, produced, acked, in_flight)
 
     install_watchdog(
         app, settings, acked=acked,
         consumed={t.get_topic_name() for t in (*topics.sources.values(), *topics.sinks.values())},
         sinks_by_topic={topics.sinks[name].get_topic_name(): sink for name, sink in sinks.items()},
-        detector=pipeline.stalls, held=backpressure.held_topics, known_ends=backpressure.known_ends)
+        detector=pipeline.stalls, held=backpressure.held_topics, known_ends=backpressure.known_ends,
+        describe=lambda: {"agents": {name: _in_flight_state(batches) for name, batches in in_flight.items()
+                                     if batches},
+                          "lanes": {name: lane.status() for name, lane in lanes.items()}})
     _backpressure_timer(app, settings, backpressure, lanes)
     install_views(app, pipeline)
     install_admin_routes(app, settings, backpressure, pipeline.admin_actions)
@@ -184,8 +189,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
     return app
 
 
+def _in_flight_state(batches: InFlight) -> dict[str, Any]:
+    oldest = batches[0][0]
+    return {"batches": len(batches), "records": sum(len(events) for _, events in batches),
+            "oldest_settled": oldest.done(), "oldest_partitions": sorted(
+                {f"{e.message.topic}[{e.message.partition}]" for e in batches[0][1]})}
+
+
 def _agent(app: faust.App, name: str, topic: faust.TopicT, handle: BatchHandler, batch: int,
-           within_s: float, produced: list[str], acked: dict[Any, int]) -> None:
+           within_s: float, produced: list[str], acked: dict[Any, int], agents: dict[str, InFlight],
+           ) -> None:
     """An agent that takes batches without acking and acks a batch only once everything it caused
     is durable, so its offsets may be committed.
 
@@ -195,7 +208,8 @@ def _agent(app: faust.App, name: str, topic: faust.TopicT, handle: BatchHandler,
     never waits on it)."""
     async def agent(stream: faust.StreamT[Any]) -> None:
         await track_produced_topics(app, produced)
-        in_flight: deque[tuple[asyncio.Future[None], list[EventT[Any]]]] = deque()
+        in_flight: InFlight = deque()
+        agents[name] = in_flight  # a restarted agent's replaces its old one
         records_in_flight = 0
 
         def ack(events: list[EventT[Any]]) -> None:

@@ -31,10 +31,11 @@ def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
                      detector: StallDetector | None = None,
                      held: Callable[[], set[str]] = set,
                      known_ends: Callable[[], Mapping[tuple[str, int], int]] = dict,
+                     describe: Callable[[], Mapping[str, Any]] = dict,
                      clock: Callable[[], float] = time.monotonic,
                      exit_now: Callable[[int], object] = os._exit) -> Callable[[], Awaitable[None]]:
     """Register the watchdog timer; returns the check itself (tests call it directly). The
-    detector's `waiting` is what /health/detailed reports."""
+    detector's `waiting` is what /health/detailed reports; `describe` is logged at a stall."""
     detector = detector or StallDetector(settings.stall_timeout_s)
 
     async def watch_for_stalls() -> None:
@@ -77,6 +78,7 @@ def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
                 if key in stalled:
                     log.critical("stall: %s %s %s", key, positions[key],
                                  faust_internals.fetch_state(consumer, tp))
+            log.critical("stall: the worker's agents and lanes: %s", describe())
             logging.shutdown()
             sys.stderr.flush()
             exit_now(STALL_EXIT_CODE)

@@ -8,6 +8,10 @@ of `assert_converged`).
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
+
 from ingest_stream.ops.devstack import DevStack
 from ingest_stream.stream.watchdog import STALL_EXIT_CODE
 from tests.dataset import Dataset
@@ -97,6 +101,7 @@ def _assert_lane_left_spilling(worker: WorkerProcess) -> None:
     assert lane(worker, "typesense") != SPILLING
 
 
+@pytest.mark.filterwarnings("default:watchdog restarts")  # shown in the summary, not an error
 def test_a_rebalance_while_a_lane_spills_loses_nothing(
         stack: DevStack, kafka: Kafka, sinks: SinkReader, make_worker, prefix: str) -> None:
     """A second worker joins while the first one's Typesense lane spills, and the first then leaves:
@@ -133,8 +138,11 @@ def test_a_rebalance_while_a_lane_spills_loses_nothing(
     assert_converged(kafka, sinks, second, prefix, data=data, dlq=set(), exits={STALL_EXIT_CODE},
                      timeout_s=240, interval_s=1, committed=consumed_topics(prefix))
     eventually(lambda: _assert_lane(second, "typesense", DIRECT), timeout_s=60, context=second.log_tail)
-    stalls = [line for line in second.log_path.read_text(errors="replace").splitlines() if "stall: " in line]
-    print(f"watchdog restarts: first {first.exits}, second {second.exits}", *stalls, sep="\n")
+    if first.exits or second.exits:  # passed, but said where CI shows it: the warnings summary
+        stalls = [line for worker in (first, second)
+                  for line in worker.log_path.read_text(errors="replace").splitlines() if "stall: " in line]
+        warnings.warn("\n".join([f"watchdog restarts: first {first.exits}, second {second.exits}",
+                                  *stalls]), stacklevel=1)
 
 
 def _assert_joined(worker: WorkerProcess) -> None:

@@ -37,7 +37,7 @@ def _install(retrying: bool, source_end: int = 50):
     sink = SimpleNamespace(busy=retrying)
     check = install_watchdog(app, Settings(stall_timeout_s=30), consumed={"src", "sink"},
                              sinks_by_topic={"sink": sink}, acked={}, clock=lambda: now[0],
-                             exit_now=exits.append)
+                             exit_now=exits.append, describe=lambda: {"lanes": {"typesense": "spilling"}})
     return check, now, exits, timers
 
 
@@ -54,6 +54,7 @@ async def test_a_partition_waiting_without_progress_makes_the_worker_exit(caplog
     # Where the stalled partition stood, for the post-mortem: its progress and Faust's fetch state.
     assert "stall: src[0] Progress(committed=10, acked=None, end=50) {'read_offset': 9, 'fetched': True, " \
            "'paused': True, 'unacked': 1}" in caplog.text
+    assert "stall: the worker's agents and lanes: {'lanes': {'typesense': 'spilling'}}" in caplog.text
 
 
 async def test_a_sink_that_is_retrying_is_busy_not_stalled():
@@ -134,3 +135,20 @@ async def test_a_partition_revoked_while_the_check_runs_is_skipped_not_a_crash(r
     now[0] = 31
     await check()  # the revoked partition is not watched, so it cannot look stalled either
     assert exits == []
+
+
+async def test_the_agents_in_flight_state_names_the_oldest_batch_and_whether_it_settled():
+    import asyncio
+    from collections import deque
+
+    from ingest_stream.stream.app import _in_flight_state
+
+    def event(partition: int) -> SimpleNamespace:
+        return SimpleNamespace(message=SimpleNamespace(topic="src", partition=partition))
+
+    waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    settled.set_result(None)
+    batches = deque([(waiting, [event(2), event(3), event(2)]), (settled, [event(0)])])
+    assert _in_flight_state(batches) == {"batches": 2, "records": 4, "oldest_settled": False,
+                                         "oldest_partitions": ["src[2]", "src[3]"]}
