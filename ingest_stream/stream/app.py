@@ -31,7 +31,7 @@ from ingest_stream.stream.admin import AuditTrail, install_admin_routes
 from ingest_stream.stream.backpressure import BackpressureController
 from ingest_stream.stream.consumer_batches import BatchStream, IngestApp
 from ingest_stream.stream.dlq import DeadLetters
-from ingest_stream.stream.faust_internals import aiokafka_producer, track_produced_topics
+from ingest_stream.stream.faust_internals import aiokafka_producer, recovery_state, track_produced_topics
 from ingest_stream.stream.lanes import SinkLane, worker_cpu_share
 from ingest_stream.stream.sink_agent import SinkProcessor
 from ingest_stream.stream.source_agent import SourceProcessor
@@ -180,7 +180,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> faust.App:
         detector=pipeline.stalls, held=backpressure.held_topics, known_ends=backpressure.known_ends,
         describe=lambda: {"agents": {name: _in_flight_state(batches) for name, batches in in_flight.items()
                                      if batches},
-                          "lanes": {name: lane.status() for name, lane in lanes.items()}})
+                          "lanes": {name: lane.status() for name, lane in lanes.items()},
+                          "recovery": recovery_state(app)})
     _backpressure_timer(app, settings, backpressure, lanes)
     install_views(app, pipeline)
     install_admin_routes(app, settings, backpressure, pipeline.admin_actions)

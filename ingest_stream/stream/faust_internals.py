@@ -147,6 +147,17 @@ def fetch_state(consumer: Any, tp: TP) -> dict[str, Any]:
             "paused": tp in consumer._paused_partitions, "unacked": unacked}
 
 
+def recovery_state(app: faust.App) -> dict[str, Any]:
+    """Faust's table recovery as a stall's log line: in recovery or not, the changelog records each
+    active partition still waits for (highwater less offset, when above 0), and whether the
+    streams' flow is on. A recovery that waits for records that never come leaves every stream
+    partition paused: the worker is idle with lag."""
+    recovery = app.tables.recovery  # type: ignore[attr-defined]
+    waiting = {f"{tp.topic}[{tp.partition}]": n for tp, n in recovery.active_remaining().items() if n > 0}
+    return {"in_recovery": recovery.in_recovery, "changelog_records_waited_for": waiting,
+            "flow_active": app.flow_control.is_active()}
+
+
 def stream_channel_for(app: AppT, tp: TP) -> tuple[Any, Any] | None:
     """The conductor's handler for `tp` and the one channel (an agent's stream) it delivers to, or
     None where the conductor must deliver itself: its index is being rebuilt (`_tp_to_callback_lock`

@@ -152,3 +152,19 @@ async def test_the_agents_in_flight_state_names_the_oldest_batch_and_whether_it_
     batches = deque([(waiting, [event(2), event(3), event(2)]), (settled, [event(0)])])
     assert _in_flight_state(batches) == {"batches": 2, "records": 4, "oldest_settled": False,
                                          "oldest_partitions": ["src[2]", "src[3]"]}
+
+
+async def test_the_recovery_state_names_changelog_records_a_recovery_still_waits_for(tmp_path):
+    """On Faust's real app (no broker): what a stall logs of the table recovery. A recovery whose
+    highwater is one past the offset it read waits for that record, with every stream paused."""
+    from ingest_stream.stream.app import create_app
+    from ingest_stream.stream.faust_internals import recovery_state
+
+    app = create_app(Settings.from_env({"INGEST_DATA_DIR": str(tmp_path), "INGEST_ADMIN_TOKEN": "t"}))
+    recovery = app.tables.recovery
+    waiting, done = TP("it-dedupe-kafka-changelog", 0), TP("it-dedupe-kafka-changelog", 2)
+    recovery.active_highwaters.update({waiting: 302, done: 302})
+    recovery.active_offsets.update({waiting: 301, done: 452})  # past a short highwater: not waited for
+    assert recovery_state(app) == {"in_recovery": False,
+                                   "changelog_records_waited_for": {"it-dedupe-kafka-changelog[0]": 1},
+                                   "flow_active": False}
