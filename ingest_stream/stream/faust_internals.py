@@ -18,6 +18,7 @@ Two other places live on library internals by their nature, and say so:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -145,6 +146,12 @@ def fetch_state(consumer: Any, tp: TP) -> dict[str, Any]:
     unacked = sum(1 for message in consumer._unacked_messages if message.tp == tp)
     return {"read_offset": consumer._read_offset.get(tp), "fetched": active is None or tp in active,
             "paused": tp in consumer._paused_partitions, "unacked": unacked}
+
+
+def consumer_thread_loop(consumer: Any) -> asyncio.AbstractEventLoop | None:
+    """The event loop of the thread Faust's aiokafka consumer runs in (mode's `ServiceThread`)."""
+    loop: asyncio.AbstractEventLoop | None = getattr(getattr(consumer, "_thread", None), "thread_loop", None)
+    return loop
 
 
 def recovery_state(app: faust.App) -> dict[str, Any]:

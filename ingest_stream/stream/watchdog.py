@@ -7,6 +7,7 @@ are redelivered after the orchestrator restarts the worker.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -79,9 +80,32 @@ def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
                     log.critical("stall: %s %s %s", key, positions[key],
                                  faust_internals.fetch_state(consumer, tp))
             log.critical("stall: the worker's agents and lanes: %s", describe())
+            for line in awaiting_tasks():
+                log.critical("stall: task %s", line)
+            thread_loop = faust_internals.consumer_thread_loop(consumer)
+            for line in awaiting_tasks(thread_loop) if thread_loop is not None else ():
+                log.critical("stall: consumer thread task %s", line)
             logging.shutdown()
             sys.stderr.flush()
             exit_now(STALL_EXIT_CODE)
 
     app.timer(settings.stall_check_interval_s)(watch_for_stalls)
     return watch_for_stalls
+
+
+def awaiting_tasks(loop: asyncio.AbstractEventLoop | None = None) -> list[str]:
+    """Where each task of `loop` (this thread's running one by default) waits: its name and its
+    chain of awaits, outermost first. A stalled worker waits somewhere; this says where. (Another
+    thread's loop is read without its lock: good enough for a log line just before exiting.)"""
+    lines = []
+    for task in asyncio.all_tasks(loop):
+        chain: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None and len(chain) < 12:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is not None:
+                chain.append(f"{frame.f_code.co_name} ({os.path.basename(frame.f_code.co_filename)}:"
+                             f"{frame.f_lineno})")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+        lines.append(f"{task.get_name()}: {' > '.join(chain) or repr(task)}")
+    return sorted(lines)

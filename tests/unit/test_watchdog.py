@@ -168,3 +168,23 @@ async def test_the_recovery_state_names_changelog_records_a_recovery_still_waits
     assert recovery_state(app) == {"in_recovery": False,
                                    "changelog_records_waited_for": {"it-dedupe-kafka-changelog[0]": 1},
                                    "flow_active": False}
+
+
+async def test_a_stall_says_where_each_task_waits():
+    import asyncio
+
+    from ingest_stream.stream.watchdog import awaiting_tasks
+
+    never = asyncio.Event()
+
+    async def waits_for_a_changelog_record() -> None:
+        await never.wait()
+
+    task = asyncio.create_task(waits_for_a_changelog_record(), name="recovery")
+    await asyncio.sleep(0)
+    try:
+        line = next(line for line in awaiting_tasks() if line.startswith("recovery: "))
+        assert line.startswith("recovery: waits_for_a_changelog_record (test_watchdog.py:")
+        assert "> wait (locks.py:" in line  # down to the Event it waits on
+    finally:
+        task.cancel()
