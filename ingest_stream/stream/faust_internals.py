@@ -154,6 +154,31 @@ def consumer_thread_loop(consumer: Any) -> asyncio.AbstractEventLoop | None:
     return loop
 
 
+def consumer_tasks(consumer: Any) -> dict[str, str]:
+    """The state of the background tasks of the aiokafka consumer in Faust's consumer thread: its
+    fetcher's routine and its group coordinator's. Without a running fetch routine, `getmany`
+    waits for records that are never fetched."""
+    aio = getattr(getattr(consumer, "_thread", None), "_consumer", None)
+    if aio is None:
+        return {}
+    tasks = {"fetch": getattr(getattr(aio, "_fetcher", None), "_fetch_task", None)}
+    coordinator = getattr(aio, "_coordinator", None)
+    for name in ("coordination", "heartbeat"):
+        tasks[name] = getattr(coordinator, f"_{name}_task", None)
+    return {name: _task_state(task) for name, task in tasks.items()}
+
+
+def _task_state(task: asyncio.Future[Any] | None) -> str:
+    if task is None:
+        return "none"
+    if not task.done():
+        return "running"
+    if task.cancelled():
+        return "cancelled"
+    error = task.exception()
+    return f"failed: {error!r}" if error is not None else "finished"
+
+
 def recovery_state(app: faust.App) -> dict[str, Any]:
     """Faust's table recovery as a stall's log line: in recovery or not, the changelog records each
     active partition still waits for (highwater less offset, when above 0), and whether the

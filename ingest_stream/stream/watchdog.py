@@ -80,6 +80,8 @@ def install_watchdog(app: faust.App, settings: Settings, *, consumed: set[str],
                     log.critical("stall: %s %s %s", key, positions[key],
                                  faust_internals.fetch_state(consumer, tp))
             log.critical("stall: the worker's agents and lanes: %s", describe())
+            log.critical("stall: the consumer thread's aiokafka tasks: %s",
+                         faust_internals.consumer_tasks(consumer))
             for line in awaiting_tasks():
                 log.critical("stall: task %s", line)
             thread_loop = faust_internals.consumer_thread_loop(consumer)

@@ -188,3 +188,22 @@ async def test_a_stall_says_where_each_task_waits():
         assert "> wait (locks.py:" in line  # down to the Event it waits on
     finally:
         task.cancel()
+
+
+async def test_the_consumer_threads_aiokafka_tasks_say_whether_they_still_run():
+    import asyncio
+
+    from ingest_stream.stream.faust_internals import consumer_tasks
+
+    loop = asyncio.get_running_loop()
+    cancelled, running = loop.create_future(), loop.create_future()
+    cancelled.cancel()
+    failed = loop.create_future()
+    failed.set_exception(RuntimeError("boom"))
+    aio = SimpleNamespace(_fetcher=SimpleNamespace(_fetch_task=cancelled),
+                          _coordinator=SimpleNamespace(_coordination_task=running, _heartbeat_task=failed))
+    consumer = SimpleNamespace(_thread=SimpleNamespace(_consumer=aio))
+    assert consumer_tasks(consumer) == {"fetch": "cancelled", "coordination": "running",
+                                        "heartbeat": "failed: RuntimeError('boom')"}
+    assert consumer_tasks(SimpleNamespace()) == {}
+    running.cancel()
