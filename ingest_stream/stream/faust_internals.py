@@ -185,9 +185,35 @@ def recovery_state(app: faust.App) -> dict[str, Any]:
     streams' flow is on. A recovery that waits for records that never come leaves every stream
     partition paused: the worker is idle with lag."""
     recovery = app.tables.recovery  # type: ignore[attr-defined]
-    waiting = {f"{tp.topic}[{tp.partition}]": n for tp, n in recovery.active_remaining().items() if n > 0}
-    return {"in_recovery": recovery.in_recovery, "changelog_records_waited_for": waiting,
+    waited = {tp: n for tp, n in recovery.active_remaining().items() if n > 0}
+    return {"in_recovery": recovery.in_recovery,
+            "changelog_records_waited_for": {f"{tp.topic}[{tp.partition}]": n for tp, n in waited.items()},
+            "changelog_fetch": fetch_positions(app.consumer, list(waited)),
             "flow_active": app.flow_control.is_active()}
+
+
+def fetch_positions(consumer: Any, tps: Collection[TP]) -> dict[str, dict[str, Any]]:
+    """Where aiokafka (in Faust's consumer thread) fetches each of `tps` from, whether it holds
+    records of it not handed over yet, whether it pauses it, and the seeks the drain loop follows
+    (`IngestConsumerThread.seeks`, `BatchDrainConsumer._read_offset_seeks`). Read from another
+    thread without a lock: for a log line."""
+    thread = getattr(consumer, "_thread", None)
+    aio = getattr(thread, "_consumer", None)
+    if aio is None:
+        return {}
+    subscription = aio._subscription.subscription
+    assignment = subscription.assignment if subscription is not None else None
+    buffered = getattr(getattr(aio, "_fetcher", None), "_records", {})  # created by start()
+    seeks = getattr(thread, "seeks", {})
+    read_offset_seeks = getattr(consumer, "_read_offset_seeks", {})
+    positions = {}
+    for tp in tps:
+        state = assignment.state_value(tp) if assignment is not None else None
+        positions[f"{tp.topic}[{tp.partition}]"] = {
+            "position": getattr(state, "_position", None), "paused": getattr(state, "paused", None),
+            "buffered": type(buffered[tp]).__name__ if tp in buffered else None,
+            "seek": tuple(seeks[tp]) if tp in seeks else None, "read_offset_seek": read_offset_seeks.get(tp)}
+    return positions
 
 
 def stream_channel_for(app: AppT, tp: TP) -> tuple[Any, Any] | None:

@@ -167,7 +167,7 @@ async def test_the_recovery_state_names_changelog_records_a_recovery_still_waits
     recovery.active_offsets.update({waiting: 301, done: 452})  # past a short highwater: not waited for
     assert recovery_state(app) == {"in_recovery": False,
                                    "changelog_records_waited_for": {"it-dedupe-kafka-changelog[0]": 1},
-                                   "flow_active": False}
+                                   "changelog_fetch": {}, "flow_active": False}  # not started: no client
 
 
 async def test_a_stall_says_where_each_task_waits():
@@ -207,3 +207,21 @@ async def test_the_consumer_threads_aiokafka_tasks_say_whether_they_still_run():
                                         "heartbeat": "failed: RuntimeError('boom')"}
     assert consumer_tasks(SimpleNamespace()) == {}
     running.cancel()
+
+
+def test_fetch_positions_say_where_aiokafka_reads_a_partition_and_which_seek_the_drain_loop_follows():
+    from ingest_stream.stream.faust_internals import fetch_positions
+
+    changelog, other = TP("it-dedupe-kafka-changelog", 0), TP("it-dedupe-kafka-changelog", 1)
+    states = {changelog: SimpleNamespace(_position=303, paused=False)}
+    aio = SimpleNamespace(
+        _subscription=SimpleNamespace(subscription=SimpleNamespace(
+            assignment=SimpleNamespace(state_value=states.get))),
+        _fetcher=SimpleNamespace(_records={changelog: SimpleNamespace()}))
+    consumer = SimpleNamespace(_thread=SimpleNamespace(_consumer=aio, seeks={changelog: (3, 301)}),
+                               _read_offset_seeks={changelog: 2})
+    assert fetch_positions(consumer, [changelog, other]) == {
+        "it-dedupe-kafka-changelog[0]": {"position": 303, "paused": False, "buffered": "SimpleNamespace",
+                                         "seek": (3, 301), "read_offset_seek": 2},
+        "it-dedupe-kafka-changelog[1]": {"position": None, "paused": None, "buffered": None, "seek": None,
+                                         "read_offset_seek": None}}
