@@ -83,6 +83,17 @@ class IngestConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             if tp in assigned:  # a rebalance may have taken it meanwhile
                 consumer.seek(tp, 0)
 
+    async def seek_back(self, positions: Mapping[TP, int]) -> None:
+        """Seek each partition to its offset in this thread, where it is still assigned."""
+        await self.call_thread(self._seek_back, positions)
+
+    async def _seek_back(self, positions: Mapping[TP, int]) -> None:
+        consumer = self._ensure_consumer()
+        assigned = consumer.assignment()
+        for tp, offset in positions.items():
+            if tp in assigned:
+                consumer.seek(tp, offset)
+
     async def _fetch_records(self, *args: Any, **kwargs: Any) -> SeekTaggedRecords:
         records = SeekTaggedRecords(await super()._fetch_records(*args, **kwargs))
         seeks = self.seeks
@@ -195,8 +206,34 @@ class BatchDrainConsumer(faust_aiokafka.Consumer):
                 await self.perform_seek()
             except Exception as exc:
                 self.log.warning(f"exception performing seek when flow not active {exc}")
+            await self._read_again(records)
             return
         await self._deliver(records, active_partitions)
+
+    async def _read_again(self, records: Mapping[TP, list[Any]]) -> None:
+        """Seek back to its first record not delivered each partition of a fetch the drain loop
+        dropped, of the topics no stream acks (table changelogs), unless seeked since the fetch.
+
+        Faust drops a fetch that returns while the flow is suspended, or the rest of one when a
+        rebalance starts, and seeks only the stream partitions back (to their committed offsets).
+        A changelog's records went with it: a recovery that had just seeked its changelog
+        partitions and been handed nothing waited for them for good, its streams paused (the
+        stall after a double rebalance, docs/design.md)."""
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        seeks = self._thread.seeks
+        fetched_under = self._fetch_seek_counts or {}
+        read_offsets = self._read_offset
+        back: dict[TP, int] = {}
+        for tp, fetched in records.items():
+            seeked = seeks[tp].number if tp in seeks else 0
+            if acks_enabled_for(tp.topic) or fetched_under.get(tp, 0) != seeked:
+                continue  # a stream partition (perform_seek), or a seek since the fetch placed it
+            read = read_offsets.get(tp)
+            first = next((record.offset for record in fetched if read is None or record.offset > read), None)
+            if first is not None:
+                back[tp] = first
+        if back:
+            await self._thread.seek_back(back)
 
     async def _deliver(self, records: Mapping[TP, list[Any]], active_partitions: set[TP] | None) -> None:
         """Hand one fetch's records to the streams, in order: each partition's events straight into
@@ -219,7 +256,10 @@ class BatchDrainConsumer(faust_aiokafka.Consumer):
         since_yield = 0
         for tp, record in self.scheduler.iterate(records):  # round-robin over topics, as Faust
             if not self.flow_active or app.consumer_generation_id != generation_id:
-                break  # a rebalance: the rest is read again from the committed offsets
+                # A rebalance: the streams' rest is read again from the committed offsets, the
+                # changelogs' from where this fetch stopped.
+                await self._read_again(records)
+                break
             if active_partitions is not None and tp not in active_partitions and tp not in buffered:
                 continue
             since_yield += 1

@@ -237,3 +237,70 @@ async def _until(condition: Callable[[], bool], deadline_s: float = 5.0) -> None
     while not condition():
         assert loop.time() < give_up, "condition not met in time"
         await asyncio.sleep(0.001)
+
+
+CHANGELOG = TP("app-dedupe-changelog", 0)
+
+
+def _seeks_back(consumer: Any) -> list[dict[TP, int]]:
+    seeked: list[dict[TP, int]] = []
+
+    async def seek_back(positions: dict[TP, int]) -> None:
+        seeked.append(dict(positions))
+
+    async def perform_seek() -> None:  # the streams' own seek to their committed offsets
+        seeked.append({SRC: -1})
+
+    consumer._thread.seek_back = seek_back
+    consumer.perform_seek = perform_seek
+    consumer.app.topics.acks_enabled_for = lambda topic: topic == "src"
+    return seeked
+
+
+async def test_a_fetch_dropped_while_the_flow_is_suspended_reads_the_changelogs_again(consumer: Any) -> None:
+    """A recovery seeks its changelog partitions, a fetch from there returns before the flow is
+    resumed: dropped as Faust drops it, and the changelog partition is seeked back to its first
+    record (CI: the recovery waited for those records for good, every stream paused)."""
+    seeked = _seeks_back(consumer)
+    fetch = {SRC: _records(SRC, range(10, 20)), CHANGELOG: _records(CHANGELOG, range(299, 450))}
+
+    async def wait_next_records(_timeout: float) -> Any:
+        consumer._fetch_seek_counts = {SRC: 0, CHANGELOG: 0}
+        return fetch, None
+
+    consumer._wait_next_records = wait_next_records
+    consumer.flow_active = False
+    await consumer._fetch_and_deliver(timeout=1.0)
+    assert consumer.delivered == []
+    assert seeked == [{SRC: -1}, {CHANGELOG: 299}]  # the stream by perform_seek, the changelog back
+
+
+async def test_a_changelog_seeked_since_the_fetch_is_left_where_that_seek_put_it(consumer: Any) -> None:
+    seeked = _seeks_back(consumer)
+    consumer._thread.seeks[CHANGELOG] = Seek(1, 120)  # the recovery seeked after this fetch began
+
+    async def wait_next_records(_timeout: float) -> Any:
+        consumer._fetch_seek_counts = {CHANGELOG: 0}
+        return {CHANGELOG: _records(CHANGELOG, range(50, 60))}, None
+
+    consumer._wait_next_records = wait_next_records
+    consumer.flow_active = False
+    await consumer._fetch_and_deliver(timeout=1.0)
+    assert seeked == [{SRC: -1}]
+
+
+async def test_a_rebalance_mid_fetch_reads_the_rest_of_a_changelog_again(consumer: Any) -> None:
+    seeked = _seeks_back(consumer)
+    consumer._fetch_seek_counts = {CHANGELOG: 0}
+    generation = consumer.app.consumer_generation_id
+    delivered = consumer.delivered
+
+    async def record_then_rebalance(message: Any) -> None:
+        delivered.append(message.offset)
+        if len(delivered) == 3:
+            consumer.app.consumer_generation_id = generation + 1  # a rebalance starts meanwhile
+
+    consumer.callback = record_then_rebalance
+    await consumer._deliver({CHANGELOG: _records(CHANGELOG, range(299, 310))}, None)
+    assert delivered == [299, 300, 301]
+    assert seeked == [{CHANGELOG: 302}]  # the rest, from the first record not handed over
