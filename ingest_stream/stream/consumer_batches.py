@@ -222,14 +222,16 @@ class BatchDrainConsumer(faust_aiokafka.Consumer):
         acks_enabled_for = self.app.topics.acks_enabled_for
         seeks = self._thread.seeks
         fetched_under = self._fetch_seek_counts or {}
-        read_offsets = self._read_offset
         back: dict[TP, int] = {}
         for tp, fetched in records.items():
-            seeked = seeks[tp].number if tp in seeks else 0
-            if acks_enabled_for(tp.topic) or fetched_under.get(tp, 0) != seeked:
+            seek = seeks.get(tp)
+            if acks_enabled_for(tp.topic) or fetched_under.get(tp, 0) != (seek.number if seek else 0):
                 continue  # a stream partition (perform_seek), or a seek since the fetch placed it
-            read = read_offsets.get(tp)
-            first = next((record.offset for record in fetched if read is None or record.offset > read), None)
+            if seek is not None and self._read_offset_seeks.get(tp) != seek.number:
+                first = next((r.offset for r in fetched if r.offset >= seek.offset), None)  # none handed over
+            else:
+                read = self._read_offset.get(tp)  # the last handed over
+                first = next((r.offset for r in fetched if read is None or r.offset > read), None)
             if first is not None:
                 back[tp] = first
         if back:

@@ -304,3 +304,22 @@ async def test_a_rebalance_mid_fetch_reads_the_rest_of_a_changelog_again(consume
     await consumer._deliver({CHANGELOG: _records(CHANGELOG, range(299, 310))}, None)
     assert delivered == [299, 300, 301]
     assert seeked == [{CHANGELOG: 302}]  # the rest, from the first record not handed over
+
+
+async def test_a_changelog_seeked_before_the_dropped_fetch_goes_back_to_that_seek_not_an_old_read_offset(
+        consumer: Any) -> None:
+    """As CI found it: the recovery's second seek (to 299) came before the fetch, nothing was handed
+    over since, and the read offset still held where the first seek's reading had got (500)."""
+    seeked = _seeks_back(consumer)
+    consumer._thread.seeks[CHANGELOG] = Seek(2, 299)
+    consumer._read_offset_seeks[CHANGELOG] = 1
+    consumer._read_offset[CHANGELOG] = 500
+
+    async def wait_next_records(_timeout: float) -> Any:
+        consumer._fetch_seek_counts = {CHANGELOG: 2}
+        return {CHANGELOG: _records(CHANGELOG, range(299, 450))}, None
+
+    consumer._wait_next_records = wait_next_records
+    consumer.flow_active = False
+    await consumer._fetch_and_deliver(timeout=1.0)
+    assert seeked == [{SRC: -1}, {CHANGELOG: 299}]
