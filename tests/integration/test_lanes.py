@@ -112,9 +112,10 @@ def test_a_rebalance_while_a_lane_spills_loses_nothing(
     rebalance begun during the outage completes once Typesense answers again (docs/design.md).
 
     The workers run as in production, watchdog on and restarted when it exits (70). Here the
-    second rebalance's recovery once waited for good on changelog records the drain loop had
-    dropped (docs/design.md, "a stall after a double rebalance", fixed); a restart still passes,
-    for nothing is lost, but it is reported in pytest's warnings summary with the stall's log."""
+    second rebalance's recovery can wait for good on changelog records dropped at the rebalance
+    (docs/design.md, "a stall after a double rebalance": one drop path fixed, one not yet); a
+    restart still passes, for nothing is lost, but it is reported in pytest's warnings summary
+    with the stall's log."""
     data = bulk(prefix)
     source = f"{prefix}.source.kafka"
     first = _started_in_process(make_worker(**LANES, **WATCHDOG), kafka, prefix, data)
